@@ -1,0 +1,89 @@
+"""Step 1: supervised fine-tuning of the actor on prompt + chosen response.
+
+    deepspeed step1_sft/main.py --data_path Dahoas/rm-static --model_name_or_path facebook/opt-1.3b ...
+    python step1_sft/main.py                      # offline default: SmolLM2-135M-Instruct + synthetic data
+"""
+import os
+import sys
+
+if __package__ in (None, ""):  # `python step1_sft/main.py` / `deepspeed step1_sft/main.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+from step1_sft.config import SFTConfig  # noqa: E402
+from utils.data.pipeline import sft_datasets  # noqa: E402
+from utils.engine import build_train_engine  # noqa: E402
+from utils.losses import sft_loss  # noqa: E402
+from utils.models import load_causal_lm, load_tokenizer, save_hf_model  # noqa: E402
+from utils.options import parse_config  # noqa: E402
+from utils.stage import run_main, start_stage  # noqa: E402
+from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
+
+
+def sft_step(engine, batch):
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    loss, n = sft_loss(logits, batch["labels"])
+    return loss, {"train/loss": loss.detach()}
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, collate, batch_size, device):
+    """Token-weighted eval loss and perplexity over this rank's share, summed across ranks."""
+    import torch.distributed as dist
+    engine.eval()
+    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for idx in rank_batches(len(dataset), batch_size):
+        batch = {k: v.to(device) for k, v in collate([dataset[j] for j in idx]).items()}
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss, n = sft_loss(logits.float(), batch["labels"])
+        total += loss.double().cpu() * n.cpu()
+        count += n.cpu()
+    both = torch.stack([total, count])
+    dist.all_reduce(both)
+    loss = (both[0] / both[1].clamp(min=1)).item()
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
+
+
+def main(argv=None):
+    cfg = parse_config(SFTConfig, argv)
+    ctx = start_stage(cfg, "step1_sft")
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+    train_set, eval_set, collate = sft_datasets(cfg, tokenizer, ctx.log)
+    model = load_causal_lm(cfg.model_name_or_path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
+                           dropout=cfg.dropout, disable_dropout=cfg.disable_dropout,
+                           gradient_checkpointing=cfg.gradient_checkpointing, lora_dim=cfg.lora_dim,
+                           lora_alpha=cfg.lora_alpha, lora_module_name=cfg.lora_module_name,
+                           lora_only=cfg.only_optimize_lora)
+    total = cfg.max_steps or cfg.num_train_epochs * steps_per_epoch(
+        len(train_set), cfg.per_device_train_batch_size, ctx.world_size, cfg.gradient_accumulation_steps)
+    engine = build_train_engine(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, total_steps=total,
+                                warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type,
+                                micro_batch=cfg.per_device_train_batch_size, grad_accum=cfg.gradient_accumulation_steps,
+                                world_size=ctx.world_size, zero_stage=cfg.zero_stage, offload=cfg.offload,
+                                dtype=ctx.dtype, grad_clip=cfg.grad_clip,
+                                lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
+    ev = lambda: evaluate(engine, eval_set, collate, cfg.per_device_eval_batch_size, ctx.device)  # noqa: E731
+    before = ev() if cfg.compare_before else {}
+    ctx.log.info(f"{len(train_set)} training / {len(eval_set)} eval sequences, {total} optimizer steps")
+
+    def step_fn(engine, batch):
+        return sft_step(engine, {k: v.to(ctx.device) for k, v in batch.items()})
+
+    after, steps = train(cfg, engine, train_set, collate, step_fn, ev, ctx.log, ctx.rank, ctx.world_size,
+                         "step1_sft")
+    save_hf_model(engine, tokenizer, cfg.output_dir, cfg.zero_stage, ctx.rank)
+    summary = {"stage": "step1_sft", "steps": steps, "before": before, "after": after,
+               "train_sequences": len(train_set), "eval_sequences": len(eval_set)}
+    ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    if before:
+        ctx.log.info(f"eval loss {before['eval/loss']:.4f} -> {after['eval/loss']:.4f} "
+                     f"(perplexity {before['eval/perplexity']:.2f} -> {after['eval/perplexity']:.2f})")
+    ctx.log.info(f"saved the fine-tuned model (HF format) to {cfg.output_dir}")
+    ctx.log.close()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,130 @@
+"""The models of step 3, each a DeepSpeed engine: actor (trained), reference (frozen), critic (trained),
+reward model (frozen). Only the ones the algorithm needs are built: critic-free algorithms build no critic,
+rule rewards need no reward model, and with actor LoRA the reference is the actor with adapters off.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from step3_rlhf.rewards.registry import RuleRewards, parse_reward_specs, split_specs
+from step3_rlhf.experience import RewardFunction
+from utils.engine import build_frozen_engine, build_train_engine
+from utils.lora import set_lora_enabled
+from utils.models import TokenValues, load_causal_lm, load_value_model, unwrap
+
+
+@dataclass
+class Engines:
+    actor: object
+    reference: object | None      # None with reference_from_lora (then `reference_is_lora_off`) or when unused
+    critic: object | None
+    reward_fn: RewardFunction
+    reference_is_lora_off: bool = False
+    use_hybrid: bool = False
+
+
+def needs_reference(cfg) -> bool:
+    return (cfg.algo == "ppo" and cfg.kl_ctl > 0) or (cfg.algo != "ppo" and cfg.beta > 0)
+
+
+def build_engines(cfg, ctx, total_steps, log) -> Engines:
+    specs = parse_reward_specs(cfg.reward or [f"model:{cfg.critic_model_name_or_path}"])
+    rule_specs, model_specs = split_specs(specs)
+    if len(model_specs) > 1:
+        raise ValueError("only one model: reward source is supported")
+    use_hybrid = cfg.enable_hybrid_engine and ctx.device.type == "cuda"
+    if cfg.enable_hybrid_engine and not use_hybrid:
+        log.info("--enable_hybrid_engine: DeepSpeed's inference kernels need a GPU; generating with the model's "
+                 "own generate() and a KV cache instead")
+    micro = cfg.per_device_training_batch_size
+    common = dict(world_size=ctx.world_size, dtype=ctx.dtype, total_steps=total_steps,
+                  warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type, grad_accum=1,
+                  grad_clip=cfg.grad_clip, micro_batch=micro)
+
+    actor = load_causal_lm(cfg.actor_model_name_or_path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
+                           dropout=cfg.actor_dropout, gradient_checkpointing=cfg.actor_gradient_checkpointing,
+                           lora_dim=cfg.actor_lora_dim, lora_alpha=cfg.lora_alpha,
+                           lora_module_name=cfg.actor_lora_module_name, lora_only=cfg.only_optimize_lora)
+    actor_engine = build_train_engine(
+        actor, lr=cfg.actor_learning_rate, weight_decay=cfg.actor_weight_decay, zero_stage=cfg.actor_zero_stage,
+        offload=cfg.offload, lora_lr=cfg.actor_lora_learning_rate if cfg.actor_lora_dim else None,
+        enable_hybrid_engine=use_hybrid, inference_tp_size=cfg.inference_tp_size,
+        release_inference_cache=cfg.release_inference_cache, pin_parameters=not cfg.unpin_actor_parameters,
+        tp_gather_partition_size=cfg.tp_gather_partition_size,
+        max_out_tokens=cfg.max_prompt_seq_len + cfg.max_answer_seq_len, **common)
+
+    reference, lora_off = None, False
+    if needs_reference(cfg):
+        if cfg.actor_lora_dim and cfg.reference_from_lora and cfg.only_optimize_lora:
+            lora_off = True  # base weights are frozen, so actor-without-adapters IS the step-1 model
+        else:
+            ref = load_causal_lm(cfg.actor_model_name_or_path, dtype=ctx.dtype,
+                                 trust_remote_code=cfg.trust_remote_code, disable_dropout=True)
+            reference = build_frozen_engine(ref, micro_batch=micro, world_size=ctx.world_size,
+                                            zero_stage=cfg.actor_zero_stage, offload=cfg.offload_reference_model,
+                                            dtype=ctx.dtype)
+
+    critic = None
+    if cfg.algo == "ppo":
+        model = load_value_model(cfg.critic_model_name_or_path, dtype=ctx.dtype,
+                                 trust_remote_code=cfg.trust_remote_code, dropout=cfg.critic_dropout,
+                                 gradient_checkpointing=cfg.critic_gradient_checkpointing, lora_dim=cfg.critic_lora_dim,
+                                 lora_alpha=cfg.lora_alpha, lora_module_name=cfg.critic_lora_module_name,
+                                 lora_only=cfg.only_optimize_lora and cfg.critic_lora_dim > 0)
+        critic = build_train_engine(TokenValues(model), lr=cfg.critic_learning_rate,
+                                    weight_decay=cfg.critic_weight_decay, zero_stage=cfg.critic_zero_stage,
+                                    offload=cfg.offload,
+                                    lora_lr=cfg.critic_lora_learning_rate if cfg.critic_lora_dim else None, **common)
+
+    reward_engine, weight = None, 1.0
+    if model_specs:
+        rm = load_value_model(model_specs[0].path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
+                              disable_dropout=True)
+        reward_engine = build_frozen_engine(TokenValues(rm), micro_batch=micro, world_size=ctx.world_size,
+                                            zero_stage=cfg.critic_zero_stage, offload=cfg.offload_reward_model,
+                                            dtype=ctx.dtype)
+        weight = model_specs[0].weight
+    rules = RuleRewards(rule_specs) if rule_specs else None
+    built = ["actor"] + (["reference"] if reference is not None else []) + \
+        (["reference = actor with LoRA off"] if lora_off else []) + (["critic"] if critic is not None else []) + \
+        (["reward model"] if reward_engine is not None else []) + ([f"rules {[s.name for s in rule_specs]}"]
+                                                                   if rules else [])
+    log.info(f"{cfg.algo}: built {', '.join(built)}")
+    return Engines(actor_engine, reference, critic, RewardFunction(reward_engine, weight, rules), lora_off, use_hybrid)
+
+
+class ReferenceScope:
+    """`with ReferenceScope(engines) as ref:` yields the model that gives reference log-probs."""
+
+    def __init__(self, engines: Engines):
+        self.engines = engines
+
+    def __enter__(self):
+        if self.engines.reference_is_lora_off:
+            set_lora_enabled(unwrap(self.engines.actor), False)
+            return self.engines.actor
+        return self.engines.reference
+
+    def __exit__(self, *exc):
+        if self.engines.reference_is_lora_off:
+            set_lora_enabled(unwrap(self.engines.actor), True)
+        return False
+
+
+class EMA:
+    """Exponential moving average of the actor's (gathered) parameters, kept on CPU in fp32."""
+
+    def __init__(self, model, decay, zero_stage):
+        from utils.models import gathered_state_dict
+        self.decay, self.zero_stage = decay, zero_stage
+        self.shadow = {k: v.float().cpu() for k, v in gathered_state_dict(model, zero_stage).items()
+                       if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model):
+        from utils.models import gathered_state_dict
+        for k, v in gathered_state_dict(model, self.zero_stage).items():
+            if k in self.shadow:
+                self.shadow[k].mul_(self.decay).add_(v.float().cpu(), alpha=1 - self.decay)

@@ -1,0 +1,121 @@
+"""Experience making: generate responses, then score them with every model the algorithm needs.
+
+Layout of one batch (written once, here): prompts are LEFT-padded to P tokens, responses follow at
+positions P..P+R-1 and are RIGHT-padded; `action_mask` [B, R] is 1 up to and including each response's
+first EOS and 0 after it. Position ids always come from the attention mask, so left padding never changes
+a log-prob. Everything here runs under no_grad; the trainer recomputes what it trains on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from utils.losses import entropy_from_logits, gather_last, gather_logprobs
+from utils.models import position_ids_from_mask, unwrap
+
+
+@dataclass
+class Experience:
+    sequences: torch.Tensor          # [B, P+R]
+    attention_mask: torch.Tensor     # [B, P+R]
+    action_mask: torch.Tensor        # [B, R] float
+    prompt_len: int                  # P
+    logprobs: torch.Tensor           # [B, R] actor log-probs at generation time (the "old" policy)
+    ref_logprobs: torch.Tensor | None
+    values: torch.Tensor | None      # [B, R] critic V(s_t), PPO only
+    scores: torch.Tensor             # [B] total reward per sequence
+    advantages: torch.Tensor | None = None   # [B, R] (PPO) or [B] (critic-free)
+    returns: torch.Tensor | None = None
+    responses: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)
+    components: dict = field(default_factory=dict)
+
+    def rows(self, idx):
+        """A sub-batch of rows (for micro-batching); prompt/response width stays the same."""
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return Experience(self.sequences[idx], self.attention_mask[idx], self.action_mask[idx], self.prompt_len,
+                          self.logprobs[idx], pick(self.ref_logprobs), pick(self.values), self.scores[idx],
+                          pick(self.advantages), pick(self.returns))
+
+
+def eos_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def action_mask_from(responses: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """1 up to and including the first EOS of each row, 0 after (also when pad == eos)."""
+    is_eos = torch.isin(responses, torch.tensor(eos, device=responses.device))
+    after_first_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return (~after_first_eos).float()
+
+
+@torch.no_grad()
+def generate(actor, prompt_ids, prompt_mask, cfg, tokenizer, synced_gpus=False, use_hybrid=False):
+    """Sample responses; returns (sequences [B, P+R], action_mask [B, R]).
+
+    `use_hybrid`: DeepSpeed's hybrid engine generates (its inference kernels); otherwise the model's own
+    `generate` with a KV cache (under ZeRO-3 DeepSpeed gathers each layer's parameters as it runs)."""
+    model = unwrap(actor)
+    gen = actor.generate if use_hybrid else model.generate
+    eos = eos_ids(tokenizer, model)
+    kwargs = dict(max_new_tokens=cfg.max_answer_seq_len, min_new_tokens=cfg.min_answer_seq_len or None,
+                  do_sample=cfg.temperature > 0, temperature=cfg.temperature if cfg.temperature > 0 else None,
+                  top_p=cfg.top_p if cfg.temperature > 0 else None, top_k=cfg.top_k or None,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, use_cache=True, synced_gpus=synced_gpus)
+    was_training = model.training
+    model.eval()
+    seq = gen(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+    model.train(was_training)
+    responses = seq[:, prompt_ids.shape[1]:]
+    if responses.shape[1] == 0:  # nothing generated at all (max_answer_seq_len 0): one masked pad column
+        responses = torch.full((seq.shape[0], 1), tokenizer.pad_token_id, dtype=seq.dtype, device=seq.device)
+        return torch.cat([prompt_ids, responses], 1), torch.zeros_like(responses, dtype=torch.float)
+    return seq, action_mask_from(responses, eos)
+
+
+def response_logits(model, sequences, attention_mask, n_response, temperature=1.0):
+    """Logits [B, R, V] that predict the R response tokens; the LM head runs on those positions only."""
+    out = model(input_ids=sequences, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), logits_to_keep=n_response + 1, use_cache=False)
+    logits = out.logits[:, :-1]
+    return logits / temperature if temperature not in (0, 1) else logits
+
+
+def response_logprobs(model, sequences, attention_mask, n_response, temperature=1.0, with_entropy=False):
+    logits = response_logits(model, sequences, attention_mask, n_response, temperature)
+    logp = gather_logprobs(logits, sequences[:, -n_response:], chunk_size=64)
+    if with_entropy:
+        return logp, entropy_from_logits(logits.detach(), chunk_size=64)
+    return logp
+
+
+def response_values(critic, sequences, attention_mask, n_response):
+    """V(s_t) for each response token t: the critic's value at the position before it."""
+    values = critic(sequences, attention_mask)
+    return values[:, -n_response - 1:-1]
+
+
+class RewardFunction:
+    """Sum of a reward model's score (at the last real token) and weighted rule rewards."""
+
+    def __init__(self, reward_engine=None, model_weight=1.0, rules=None):
+        self.reward_engine, self.model_weight, self.rules = reward_engine, model_weight, rules
+
+    @torch.no_grad()
+    def __call__(self, sequences, attention_mask, prompts, responses, metas):
+        total = torch.zeros(sequences.shape[0], device=sequences.device)
+        components = {}
+        if self.reward_engine is not None:
+            score = gather_last(self.reward_engine(sequences, attention_mask), attention_mask).float()
+            components["reward/model"] = score
+            total += self.model_weight * score
+        if self.rules is not None:
+            rule_total, parts = self.rules.evaluate(prompts, responses, metas)
+            total += torch.tensor(rule_total, dtype=torch.float, device=total.device)
+            for name, vals in parts.items():
+                components[f"reward/{name}"] = torch.tensor(vals, dtype=torch.float)
+        return total, components

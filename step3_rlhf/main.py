@@ -1,0 +1,84 @@
+"""Step 3: RLHF. PPO with four DeepSpeed engines (DeepSpeed-Chat's recipe), or GRPO / RLOO / REINFORCE.
+
+    deepspeed step3_rlhf/main.py --actor_model_name_or_path STEP1_DIR --critic_model_name_or_path STEP2_DIR ...
+Writes OUTPUT_DIR/actor, OUTPUT_DIR/critic (PPO) and OUTPUT_DIR/actor_ema (--enable_ema) in HF format.
+"""
+import os
+import sys
+
+if __package__ in (None, ""):  # `python step3_rlhf/main.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+
+from step3_rlhf.config import RLHFConfig  # noqa: E402
+from step3_rlhf.engines import build_engines  # noqa: E402
+from step3_rlhf.evaluate import before_after_table, evaluate_policy  # noqa: E402
+from step3_rlhf.prompt_data import collate_prompts, load_prompts, ptx_batches  # noqa: E402
+from step3_rlhf.trainer import RLTrainer  # noqa: E402
+from utils.models import load_tokenizer, save_hf_model, save_hf_state, unwrap  # noqa: E402
+from utils.options import parse_config  # noqa: E402
+from utils.stage import run_main, start_stage  # noqa: E402
+
+
+def plan_steps(cfg, n_prompts, world_size):
+    """(RL steps, optimizer updates of the actor, of the critic) for the schedules."""
+    batches = math.ceil(math.ceil(n_prompts / world_size) / cfg.per_device_generation_batch_size)
+    steps = cfg.max_steps or cfg.num_train_epochs * math.ceil(batches / cfg.generation_batches)
+    micro = cfg.generation_batches * cfg.per_device_generation_batch_size * cfg.num_generations \
+        // cfg.per_device_training_batch_size
+    critic_updates = steps * cfg.ppo_epochs * micro
+    actor_updates = critic_updates * (2 if cfg.unsupervised_dataset_name else 1)
+    return steps, actor_updates, critic_updates
+
+
+def main(argv=None):
+    cfg = parse_config(RLHFConfig, argv)
+    ctx = start_stage(cfg, "step3_rlhf")
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.actor_model_name_or_path, cfg.trust_remote_code)
+    train_items, eval_items = load_prompts(cfg, tokenizer, ctx.log)
+    eval_items = eval_items[: cfg.eval_prompts]
+    steps, actor_updates, _ = plan_steps(cfg, len(train_items), ctx.world_size)
+    engines = build_engines(cfg, ctx, actor_updates, ctx.log)
+    ptx = ptx_batches(cfg, tokenizer, cfg.per_device_training_batch_size,
+                      cfg.max_prompt_seq_len + cfg.max_answer_seq_len) if cfg.unsupervised_dataset_name else None
+    trainer = RLTrainer(cfg, engines, tokenizer, ctx, functools.partial(collate_prompts, pad_id=tokenizer.pad_token_id),
+                        ptx)
+    ctx.log.info(f"{len(train_items)} training prompts, {len(eval_items)} held-out prompts, {steps} steps of "
+                 f"{cfg.generation_batches * cfg.per_device_generation_batch_size * cfg.num_generations} samples")
+
+    before_path = os.path.join(cfg.output_dir, "eval_before.json")
+    before = None
+    if eval_items:
+        if os.path.exists(before_path):  # resumed run: the step-1 actor was measured before the crash
+            with open(before_path) as f:
+                before = json.load(f)
+        else:
+            before = evaluate_policy(trainer, eval_items, cfg.per_device_generation_batch_size, cfg.seed + 1)
+            ctx.log.write_json(before_path, before)
+
+    history = trainer.fit(train_items, steps)
+
+    after = evaluate_policy(trainer, eval_items, cfg.per_device_generation_batch_size, cfg.seed + 1) \
+        if eval_items else None
+    save_hf_model(engines.actor, tokenizer, os.path.join(cfg.output_dir, "actor"), cfg.actor_zero_stage, ctx.rank)
+    if engines.critic is not None:
+        save_hf_model(engines.critic, tokenizer, os.path.join(cfg.output_dir, "critic"), cfg.critic_zero_stage,
+                      ctx.rank)
+    if trainer.ema is not None:
+        save_hf_state(unwrap(engines.actor), trainer.ema.shadow, tokenizer, os.path.join(cfg.output_dir, "actor_ema"),
+                      ctx.rank, dtype=ctx.dtype)
+    summary = {"stage": "step3_rlhf", "algo": cfg.algo, "steps": len(history), "history": history,
+               "before": before, "after": after}
+    ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    if before and after and ctx.rank == 0:
+        print(before_after_table(before, after), flush=True)
+    ctx.log.info(f"saved actor{'/critic' if engines.critic is not None else ''}"
+                 f"{'/actor_ema' if trainer.ema is not None else ''} (HF format) under {cfg.output_dir}")
+    ctx.log.close()
+
+
+if __name__ == "__main__":
+    run_main(main)

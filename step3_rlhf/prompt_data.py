@@ -1,0 +1,104 @@
+"""Prompts for step 3 (preference data, Countdown or GSM8K tasks) and the text set for PTX mixing.
+
+Every prompt item is {"prompt_input_ids", "prompt" (text), "meta" (what a rule reward needs)}.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import torch
+
+from step3_rlhf.rewards.countdown import generate_tasks
+from step3_rlhf.rewards.prompts import countdown_prompt, gsm8k_prompt, load_countdown_jsonl, load_gsm8k_jsonl
+from utils.data.datasets import collate_left_padded_prompts, collate_right_padded
+from utils.data.pipeline import prompt_datasets
+from utils.data.rows import DataError
+from utils.data.splits import carve_eval
+from utils.data.templates import uses_chat_template
+
+
+def _tokenize_task(tokenizer, task_prompt, max_len):
+    text = task_prompt.render(tokenizer)
+    ids = tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"]
+    return {"prompt_input_ids": ids[max(0, len(ids) - max_len):], "prompt": text, "meta": task_prompt.meta}
+
+
+def _task_rows(cfg):
+    path = cfg.data_path[0]
+    if cfg.task == "countdown":
+        if path in ("generate", "synthetic"):
+            return generate_tasks(2000, cfg.seed, num_count=(3, 3)), None
+        return load_countdown_jsonl(path), (load_countdown_jsonl(cfg.data_path[1]) if len(cfg.data_path) > 1 else None)
+    if os.path.exists(path):
+        return load_gsm8k_jsonl(path), (load_gsm8k_jsonl(cfg.data_path[1]) if len(cfg.data_path) > 1 else None)
+    try:
+        import datasets
+        ds = datasets.load_dataset(path, "main")
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
+        raise DataError(f"cannot load GSM8K '{path}' ({type(e).__name__}); offline? pass a local JSONL of "
+                        "{question, answer}") from None
+    conv = lambda split: [{"question": r["question"], "answer": r["answer"]} for r in ds[split]]  # noqa: E731
+    return conv("train"), conv("test")
+
+
+def load_prompts(cfg, tokenizer, log):
+    """(train_items, eval_items)."""
+    if cfg.task == "preference":
+        train, evals, _ = prompt_datasets(cfg, tokenizer, log)
+        as_items = lambda ds: [{"prompt_input_ids": ds[i]["prompt_input_ids"], "prompt": ds.prompts[i], "meta": {}}  # noqa: E731
+                               for i in range(len(ds))]
+        return as_items(train), as_items(evals)
+    train_rows, eval_rows = _task_rows(cfg)
+    if eval_rows is None:
+        tr, ev = carve_eval(len(train_rows), cfg.eval_fraction, cfg.seed)
+        train_rows, eval_rows = [train_rows[i] for i in tr], [train_rows[i] for i in ev]
+    make = (lambda r: countdown_prompt(r, style=cfg.prompt_style)) if cfg.task == "countdown" else \
+        (lambda r: gsm8k_prompt(r["question"], style=cfg.prompt_style, reference=r["answer"]))
+    items = lambda rows: [_tokenize_task(tokenizer, make(r), cfg.max_prompt_seq_len) for r in rows]  # noqa: E731
+    return items(train_rows), items(eval_rows[: max(cfg.eval_prompts, 1)])
+
+
+def collate_prompts(batch, pad_id):
+    out = collate_left_padded_prompts([{"prompt_input_ids": b["prompt_input_ids"]} for b in batch], pad_id)
+    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"],
+            "prompts": [b["prompt"] for b in batch], "metas": [b["meta"] for b in batch]}
+
+
+def _read_texts(name):
+    if os.path.isfile(name):
+        if name.endswith((".jsonl", ".json")):
+            texts = []
+            with open(name, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            texts.append(json.loads(line)["text"])
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise DataError(f"{name}:{line_no}: field 'text': missing or not JSON") from None
+            return texts
+        with open(name, encoding="utf-8") as f:
+            return [p.strip() for p in f.read().split("\n\n") if p.strip()]
+    try:
+        import datasets
+        return [r["text"] for r in datasets.load_dataset(name, split="train") if r["text"].strip()]
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot load unsupervised dataset '{name}' ({type(e).__name__}); offline? pass a local "
+                        ".txt or .jsonl with a 'text' field") from None
+
+
+def ptx_batches(cfg, tokenizer, batch_size, max_len):
+    """An endless iterator of right-padded LM batches (loss on every token) for PTX mixing."""
+    texts = _read_texts(cfg.unsupervised_dataset_name)
+    if not texts:
+        raise DataError(f"{cfg.unsupervised_dataset_name}: no text found for --unsupervised_dataset_name")
+    items = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=True)["input_ids"][:max_len]
+        items.append({"input_ids": ids, "labels": ids})
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(items), generator=g).tolist()
+    for start in itertools.count(0, batch_size):
+        idx = [order[(start + k) % len(order)] for k in range(batch_size)]
+        yield collate_right_padded([items[i] for i in idx], tokenizer.pad_token_id)

@@ -1,0 +1,58 @@
+"""From options to the tokenised train/eval datasets of each stage (rows -> split -> tokenise -> cache)."""
+from __future__ import annotations
+
+import functools
+import os
+
+from utils.data.datasets import (PairDataset, PromptDataset, SFTDataset, cache_key_parts, cached_tokenize,
+                                 collate_left_padded_prompts, collate_pairs, collate_right_padded)
+from utils.data.rows import DataError
+from utils.data.splits import load_stage_rows
+
+SFT, REWARD, RLHF = 0, 1, 2
+
+
+def cache_dir_for(cfg):
+    return cfg.data_output_path or os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), ".data_cache")
+
+
+def _stage_datasets(cfg, tokenizer, log, stage, dataset_cls, max_len, **kw):
+    train_rows, eval_rows, skipped = load_stage_rows(cfg.data_path, cfg.data_split, stage, cfg.seed,
+                                                     cfg.eval_fraction, cfg.on_bad_rows)
+    if skipped:
+        log.info(f"skipped {len(skipped)} bad row(s) (--on_bad_rows skip); first: {skipped[0]}")
+    if cfg.max_eval_samples:
+        eval_rows = eval_rows[: cfg.max_eval_samples]
+    out = []
+    for part, rows in (("train", train_rows), ("eval", eval_rows)):
+        key = cache_key_parts(cfg.data_path, cfg.data_split, stage, cfg.seed, tokenizer, max_len, part=part,
+                              kind=dataset_cls.__name__, n_rows=len(rows),
+                              max_eval=cfg.max_eval_samples, **kw)
+        build = lambda rows=rows: _build(dataset_cls, rows, tokenizer, max_len, log, **kw).columns()  # noqa: E731
+        out.append(dataset_cls.from_columns(cached_tokenize(key, build, cache_dir_for(cfg))))
+    if len(out[0]) == 0:
+        raise DataError(f"no training rows for this stage in {cfg.data_path} with --data_split {cfg.data_split}")
+    return out
+
+
+def _build(dataset_cls, rows, tokenizer, max_len, log, **kw):
+    ds = dataset_cls(rows, tokenizer, max_len, **kw)
+    if getattr(ds, "skipped", None):
+        log.info(f"{len(ds.skipped)} row(s) too long for {max_len} tokens were skipped; first: {ds.skipped[0]}")
+    return ds
+
+
+def sft_datasets(cfg, tokenizer, log):
+    train, evals = _stage_datasets(cfg, tokenizer, log, SFT, SFTDataset, cfg.max_seq_len,
+                                   train_on_prompt=cfg.train_on_prompt)
+    return train, evals, functools.partial(collate_right_padded, pad_id=tokenizer.pad_token_id)
+
+
+def pair_datasets(cfg, tokenizer, log):
+    train, evals = _stage_datasets(cfg, tokenizer, log, REWARD, PairDataset, cfg.max_seq_len)
+    return train, evals, functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+
+
+def prompt_datasets(cfg, tokenizer, log):
+    train, evals = _stage_datasets(cfg, tokenizer, log, RLHF, PromptDataset, cfg.max_prompt_seq_len)
+    return train, evals, functools.partial(collate_left_padded_prompts, pad_id=tokenizer.pad_token_id)

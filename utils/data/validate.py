@@ -1,0 +1,92 @@
+"""Check data files before training: every problem, one line each, then a summary.
+
+    python -m utils.data.validate FILE [FILE...] [--max_chars N] [--tokenizer DIR --max_seq_len N]
+
+Reads each source with the training readers in skip mode (so the rules are exactly the ones training
+applies), then adds checks that need the whole set: prompt length (characters of the rendered
+prompt, or tokens with --tokenizer) and exact duplicates across all the files given.
+Prints "FILE:LINE: field 'F': problem" per problem and "N rows, K problems (kind: count, ...)".
+Exit status: 0 clean, 1 problems found, 2 a file is missing/unreadable (or the arguments are wrong).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+from utils.data.readers import read_source
+from utils.data.rows import DataError, PreferenceRow
+from utils.data.templates import format_prompt
+
+SOURCE_FATAL = ("unreadable", "unknown_source")
+
+
+def prompt_length_problems(rows: list[PreferenceRow], max_chars: int | None, tokenizer,
+                           max_seq_len: int | None) -> list[DataError]:
+    problems = []
+    for row in rows:
+        text = format_prompt(tokenizer, row.prompt)
+        if max_chars is not None and len(text) > max_chars:
+            problems.append(DataError.at(row.origin, "prompt", f"too long: {len(text)} characters "
+                                         f"(limit {max_chars})", "too_long"))
+        if tokenizer is not None and max_seq_len is not None:
+            from utils.data.datasets import tokenize_prompt
+            n_tokens = len(tokenize_prompt(tokenizer, row.prompt))
+            if n_tokens >= max_seq_len:
+                problems.append(DataError.at(row.origin, "prompt", f"too long: {n_tokens} tokens leave no "
+                                             f"room for a reply in max_seq_len {max_seq_len}", "too_long"))
+    return problems
+
+
+def validate(paths: list[str], max_chars: int | None = None, tokenizer=None, max_seq_len: int | None = None,
+             out=None) -> int:
+    """Print every problem and the summary (to `out`, default stdout); return the exit status."""
+    out = out or sys.stdout
+    seen: dict = {}  # shared, so duplicates are found across files too
+    n_rows, kinds, fatal = 0, Counter(), False
+    for path in paths:
+        try:
+            source = read_source(path, on_bad_rows="skip", seen=seen)
+        except DataError as err:
+            print(str(err), file=out)
+            kinds[err.kind] += 1
+            fatal = fatal or err.kind in SOURCE_FATAL
+            continue
+        parts = [source.train] + ([source.eval] if source.eval else [])
+        for part in parts:
+            for message in part.skipped:
+                print(message, file=out)
+            kinds.update(part.kinds)
+            n_rows += len(part.rows) + len(part.skipped)
+            for problem in prompt_length_problems(part.rows, max_chars, tokenizer, max_seq_len):
+                print(str(problem), file=out)
+                kinds[problem.kind] += 1
+    total = sum(kinds.values())
+    by_kind = ", ".join(f"{kind}: {count}" for kind, count in sorted(kinds.items()))
+    print(f"{n_rows} rows, {total} problems" + (f" ({by_kind})" if by_kind else ""), file=out)
+    return 2 if fatal else (1 if total else 0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Validate preference/SFT data files.")
+    parser.add_argument("files", nargs="+", help="files, directories or dataset names (as --data_path)")
+    parser.add_argument("--max_chars", type=int, default=None, help="flag prompts longer than this")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory for the token-length check")
+    parser.add_argument("--max_seq_len", type=int, default=None)
+    args = parser.parse_args(argv)
+    if (args.tokenizer is None) != (args.max_seq_len is None):
+        print("--tokenizer and --max_seq_len go together", file=sys.stderr)
+        return 2
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError) as err:
+            print(f"{args.tokenizer}: cannot load tokenizer: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 2
+    return validate(args.files, args.max_chars, tokenizer, args.max_seq_len)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

