@@ -17,6 +17,7 @@ from step3_rlhf.config import RLHFConfig  # noqa: E402
 from step3_rlhf.engines import build_engines  # noqa: E402
 from step3_rlhf.evaluate import before_after_table, evaluate_policy  # noqa: E402
 from step3_rlhf.prompt_data import collate_prompts, load_prompts, ptx_batches  # noqa: E402
+from step3_rlhf.loop import fit  # noqa: E402
 from step3_rlhf.trainer import RLTrainer  # noqa: E402
 from utils.models import load_tokenizer, save_hf_model, save_hf_state, unwrap  # noqa: E402
 from utils.options import parse_config  # noqa: E402
@@ -59,7 +60,7 @@ def main(argv=None):
             before = evaluate_policy(trainer, eval_items, cfg.per_device_generation_batch_size, cfg.seed + 1)
             ctx.log.write_json(before_path, before)
 
-    history = trainer.fit(train_items, steps)
+    history = fit(trainer, train_items, steps)
 
     after = evaluate_policy(trainer, eval_items, cfg.per_device_generation_batch_size, cfg.seed + 1) \
         if eval_items else None

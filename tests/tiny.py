@@ -1,5 +1,4 @@
 """Tiny tokenizer and models for tests (and for anyone who wants a seconds-long smoke run)."""
-import os
 import string
 
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
