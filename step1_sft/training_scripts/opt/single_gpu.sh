@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# OPT-1.3b actor on one GPU (DeepSpeed-Chat's training_scripts/opt/single_gpu/run_1.3b.sh, with LoRA).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../../.." && pwd)
+OUTPUT=${1:-./output/step1_opt1.3b}; ZERO_STAGE=${2:-0}
+mkdir -p "$OUTPUT"
+deepspeed --num_gpus 1 "$REPO/step1_sft/main.py" \
+  --model_name_or_path facebook/opt-1.3b \
+  --data_path Dahoas/rm-static --data_split 2,4,4 \
+  --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --max_seq_len 512 \
+  --learning_rate 1e-3 --weight_decay 0.1 --num_train_epochs 16 --gradient_accumulation_steps 8 \
+  --lr_scheduler_type cosine --num_warmup_steps 0 --seed 1234 \
+  --lora_dim 128 --lora_module_name decoder.layers. --only_optimize_lora \
+  --zero_stage "$ZERO_STAGE" --dtype auto --enable_tensorboard --save_interval 500 \
+  --output_dir "$OUTPUT" 2>&1 | tee "$OUTPUT/training.log"
