@@ -17,7 +17,7 @@ from step1_sft.config import SFTConfig  # noqa: E402
 from utils.data.pipeline import sft_datasets  # noqa: E402
 from utils.engine import build_train_engine  # noqa: E402
 from utils.losses import sft_loss  # noqa: E402
-from utils.models import load_causal_lm, load_tokenizer, save_hf_model  # noqa: E402
+from utils.models import gathered_state_dict, load_causal_lm, load_tokenizer, save_hf_model  # noqa: E402
 from utils.options import parse_config  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
@@ -47,6 +47,20 @@ def evaluate(engine, dataset, collate, batch_size, device):
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
 
 
+def dump_weight_hash(engine, zero_stage, rank, path):
+    """Test hook (env RLHFKIT_DUMP_WEIGHT_HASH=PATH): every rank writes PATH.rankN with the sha256 of its full
+    (ZeRO-gathered) weights, so a test can check that data-parallel ranks ended with the same model."""
+    import hashlib
+    import json
+    state = gathered_state_dict(engine, zero_stage)  # collective at ZeRO 3: every rank must call it
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    with open(f"{path}.rank{rank}", "w") as f:
+        json.dump({"rank": rank, "sha256": digest.hexdigest()}, f)
+
+
 def main(argv=None):
     cfg = parse_config(SFTConfig, argv)
     ctx = start_stage(cfg, "step1_sft")
@@ -74,6 +88,8 @@ def main(argv=None):
 
     after, steps = train(cfg, engine, train_set, collate, step_fn, ev, ctx.log, ctx.rank, ctx.world_size,
                          "step1_sft")
+    if os.environ.get("RLHFKIT_DUMP_WEIGHT_HASH"):
+        dump_weight_hash(engine, cfg.zero_stage, ctx.rank, os.environ["RLHFKIT_DUMP_WEIGHT_HASH"])
     save_hf_model(engine, tokenizer, cfg.output_dir, cfg.zero_stage, ctx.rank)
     summary = {"stage": "step1_sft", "steps": steps, "before": before, "after": after,
                "train_sequences": len(train_set), "eval_sequences": len(eval_set)}

@@ -29,7 +29,9 @@ def needs_reference(cfg) -> bool:
     return (cfg.algo == "ppo" and cfg.kl_ctl > 0) or (cfg.algo != "ppo" and cfg.beta > 0)
 
 
-def build_engines(cfg, ctx, total_steps, log) -> Engines:
+def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engines:
+    """`total_steps` / `critic_total_steps`: optimizer updates of the actor / critic, the length of their LR
+    schedules (they differ with PTX, which adds an actor update per micro-batch)."""
     specs = parse_reward_specs(cfg.reward or [f"model:{cfg.critic_model_name_or_path}"])
     rule_specs, model_specs = split_specs(specs)
     if len(model_specs) > 1:
@@ -76,7 +78,8 @@ def build_engines(cfg, ctx, total_steps, log) -> Engines:
         critic = build_train_engine(TokenValues(model), lr=cfg.critic_learning_rate,
                                     weight_decay=cfg.critic_weight_decay, zero_stage=cfg.critic_zero_stage,
                                     offload=cfg.offload,
-                                    lora_lr=cfg.critic_lora_learning_rate if cfg.critic_lora_dim else None, **common)
+                                    lora_lr=cfg.critic_lora_learning_rate if cfg.critic_lora_dim else None,
+                                    **{**common, "total_steps": critic_total_steps or total_steps})
 
     reward_engine, weight = None, 1.0
     if model_specs:

@@ -41,8 +41,8 @@ def main(argv=None):
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.actor_model_name_or_path, cfg.trust_remote_code)
     train_items, eval_items = load_prompts(cfg, tokenizer, ctx.log)
     eval_items = eval_items[: cfg.eval_prompts]
-    steps, actor_updates, _ = plan_steps(cfg, len(train_items), ctx.world_size)
-    engines = build_engines(cfg, ctx, actor_updates, ctx.log)
+    steps, actor_updates, critic_updates = plan_steps(cfg, len(train_items), ctx.world_size)
+    engines = build_engines(cfg, ctx, actor_updates, ctx.log, critic_updates)
     ptx = ptx_batches(cfg, tokenizer, cfg.per_device_training_batch_size,
                       cfg.max_prompt_seq_len + cfg.max_answer_seq_len) if cfg.unsupervised_dataset_name else None
     trainer = RLTrainer(cfg, engines, tokenizer, ctx, functools.partial(collate_prompts, pad_id=tokenizer.pad_token_id),

@@ -9,17 +9,31 @@ import torch
 GLOBAL_BATCH_NOTE = "train_batch_size = micro batch x grad accumulation x world size"
 
 
+_SINGLE_PROCESS_PORT = "RLHFKIT_SINGLE_PROCESS_PORT"  # the MASTER_PORT that init_distributed made up itself
+
+
+def _inherited_single_process_env() -> bool:
+    """True when RANK/MASTER_PORT were made up by init_distributed in a PARENT process (a script or test that
+    ran a stage in-process, then started another one): reusing them would make this process listen on the
+    parent's port (EADDRINUSE). The deepspeed launcher sets its own MASTER_PORT, so its children are not."""
+    import torch.distributed as dist
+    port = os.environ.get(_SINGLE_PROCESS_PORT)
+    return port is not None and port == os.environ.get("MASTER_PORT") and not dist.is_initialized()
+
+
 def init_distributed():
     """Start torch.distributed through DeepSpeed; a plain `python main.py` becomes a 1-process group.
 
-    Returns (rank, world_size, device)."""
+    Idempotent within a process. Returns (rank, world_size, device)."""
     import deepspeed
-    if "RANK" not in os.environ:  # not started by the deepspeed launcher / torchrun
+    inherited = _inherited_single_process_env()
+    if "RANK" not in os.environ or inherited:  # not started by the deepspeed launcher / torchrun
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+            port = str(s.getsockname()[1])
+        port = port if inherited else os.environ.get("MASTER_PORT", port)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        os.environ[_SINGLE_PROCESS_PORT] = port
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():

@@ -137,8 +137,9 @@ def prepare_model(model, *, dropout=None, disable_dropout=False, gradient_checkp
     """Dropout, gradient checkpointing and LoRA, applied the same way for every trainable model."""
     _apply_dropout(model, dropout, disable_dropout)
     if gradient_checkpointing:
+        # config.use_cache stays as it is: every training forward passes use_cache=False itself, and a
+        # False here would be saved with the model and make every later generate() run without a KV cache
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     if lora_dim > 0:
         n = convert_to_lora(model, lora_module_name, lora_dim, lora_alpha)
         if n == 0:
