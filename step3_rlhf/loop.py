@@ -1,7 +1,9 @@
 """The step-3 loop: prompts -> experience -> updates, with stats, guards, checkpoints and resume.
 
 One step = `generation_batches` experience batches, then `ppo_epochs` passes over them in micro-batches of
-`per_device_training_batch_size`.
+`per_device_training_batch_size`. A resumed run repeats the interrupted one exactly: the checkpoint holds the
+trained engines, every RNG (so sampling repeats), the prompt position, the PTX position, the EMA copy, the
+guard counters and the per-step history.
 """
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ import torch
 
 from step3_rlhf.experience import Experience
 from utils.engine import Checkpointer, StopRequest
-from utils.train_loop import epoch_batches, resume_point
+from utils.train_loop import epoch_batches, resume, stop_message
 
 
 def experience_stats(exps: list[Experience]) -> dict:
     scores = torch.cat([e.scores for e in exps]).float()
     lengths = torch.cat([e.action_mask.sum(1) for e in exps])
     out = {"reward/mean": scores.mean(), "reward/std": scores.std() if len(scores) > 1 else 0.0,
+           "reward/abs_max": scores.abs().max(),
            "response/length": lengths.mean(), "response/length_max": lengths.max(),
            "response/empty_frac": (lengths == 0).float().mean()}
     if exps[0].ref_logprobs is not None:
@@ -28,30 +31,36 @@ def experience_stats(exps: list[Experience]) -> dict:
         out[k] = torch.cat([e.components[k].float().cpu() for e in exps]).mean()
     return {k: float(v) for k, v in out.items()}
 
+
 def check_guards(cfg, stats, step):
-    if abs(stats["reward/mean"]) > cfg.reward_guard or not math.isfinite(stats["reward/mean"]):
-        raise FloatingPointError(f"step3_rlhf: step {step}: mean reward {stats['reward/mean']:.4g} is beyond "
-                                 f"--reward_guard {cfg.reward_guard}; is the reward model broken?")
-    if stats.get("kl/mean", 0.0) > cfg.kl_guard:
-        raise FloatingPointError(f"step3_rlhf: step {step}: KL to the reference {stats['kl/mean']:.4g} passed "
-                                 f"--kl_guard {cfg.kl_guard}; lower the learning rate or raise --kl_ctl")
+    """--reward_guard / --kl_guard: a reward model whose scores explode or a KL that runs away stops the run
+    (non-finite values are the NonFiniteGuard's: that step is skipped and counted)."""
+    if math.isfinite(stats["reward/abs_max"]) and stats["reward/abs_max"] > cfg.reward_guard:
+        raise FloatingPointError(f"step3_rlhf: step {step}: a reward of magnitude {stats['reward/abs_max']:.4g} is "
+                                 f"beyond --reward_guard {cfg.reward_guard} (mean {stats['reward/mean']:.4g}); is "
+                                 "the reward model broken?")
+    kl = stats.get("kl/mean", 0.0)
+    if math.isfinite(kl) and kl > cfg.kl_guard:
+        raise FloatingPointError(f"step3_rlhf: step {step}: KL to the reference {kl:.4g} passed --kl_guard "
+                                 f"{cfg.kl_guard}; lower the learning rate or raise --kl_ctl")
+
 
 def fit(trainer, prompts, total_steps):
     """Runs `total_steps` RL steps over `prompts` (resuming if a checkpoint is there); returns per-step stats."""
     cfg, ctx, log = trainer.cfg, trainer.ctx, trainer.log
-    ckpt = Checkpointer(cfg.output_dir, cfg.save_total_limit, ctx.rank)
+    ckpt = Checkpointer(cfg.output_dir, cfg.save_total_limit, ctx.rank, log, fresh=cfg.no_resume)
     engines = {"actor": trainer.e.actor, **({"critic": trainer.e.critic} if trainer.e.critic is not None else {})}
     stop = StopRequest()
-    step, epoch0, batch0 = 0, 0, 0
-    found = resume_point(cfg, ckpt, log)
-    if found:
-        tag, state = found
-        extra = ckpt.load(engines, tag, state, ["ema"] if trainer.ema else [])
+    step, epoch0, batch0, history = 0, 0, 0, []
+    state, tensors = resume(cfg, ckpt, engines, log, ["ema"] if trainer.ema else [])
+    if state:
         if trainer.ema:
-            trainer.ema.shadow = extra["ema"]
-        step, epoch0, batch0 = state["step"], state["epoch"], state["next_batch"]
+            trainer.ema.shadow = tensors["ema"]
+        if trainer.ptx is not None and state.get("ptx"):
+            trainer.ptx.load(state["ptx"])
+        trainer.guard.load(state.get("guard"))
+        step, epoch0, batch0, history = state["step"], state["epoch"], state["next_batch"], state.get("history", [])
     bar = log.progress(total_steps, initial=step, desc="step3_rlhf")
-    history = []
     epoch = epoch0
     while step < total_steps:
         batches = epoch_batches(len(prompts), cfg.per_device_generation_batch_size, ctx.world_size, ctx.rank,
@@ -62,8 +71,10 @@ def fit(trainer, prompts, total_steps):
             exps = [trainer.make_experience(trainer.collate([prompts[i] for i in idx])) for idx in group]
             stats = experience_stats(exps)
             check_guards(cfg, stats, step + 1)
-            with log.timer("time/training"):
-                stats.update(trainer.train_on(exps, step + 1))
+            finite = {"reward": stats["reward/mean"], "KL": stats.get("kl/mean")}
+            if trainer.guard.check(step + 1, finite, reset=False):  # non-finite: skip the update, count it
+                with log.timer("time/training"):
+                    stats.update(trainer.train_on(exps, step + 1))
             stats.update(log.pop_timers())
             step, b = step + 1, b + len(group)
             history.append(stats)
@@ -72,16 +83,15 @@ def fit(trainer, prompts, total_steps):
                             len=f"{stats['response/length']:.0f}")
             bar.update(1)
             if (cfg.save_interval and step % cfg.save_interval == 0) or stop.requested:
-                ckpt.save(engines, step, {"epoch": epoch, "next_batch": b},
-                          {"ema": trainer.ema.shadow} if trainer.ema else None)
+                state = {"epoch": epoch, "next_batch": b, "guard": trainer.guard.state(), "history": history,
+                         "ptx": trainer.ptx.state() if trainer.ptx is not None else None}
+                ckpt.save(engines, step, state, {"ema": trainer.ema.shadow} if trainer.ema else None)
             if stop.requested:
                 bar.close()
-                log.info(f"stopped by signal {stop.signal} after step {step}; checkpoint saved in "
-                              f"{ckpt.root}. Run the same command again to resume.")
+                log.info(stop_message(stop, step, ckpt))
                 sys.exit(128 + int(stop.signal))
         epoch += 1
     bar.close()
     if trainer.guard.total:
-        log.info(f"{trainer.guard.total} update(s) skipped because a loss was not finite")
+        log.info(f"{trainer.guard.total} update(s) skipped because a loss, reward or KL was not finite")
     return history
-

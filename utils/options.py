@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -116,8 +117,15 @@ def _arg_type(tp):
     return tp
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad flags get one line (not the whole usage block) and exit 2, like every other start-up error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(config_cls, description=""):
-    parser = argparse.ArgumentParser(description=description or config_cls.__doc__,
+    parser = _OneLineParser(description=description or config_cls.__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
@@ -149,18 +157,68 @@ def parse_config(config_cls, argv=None):
     return cfg
 
 
+def _check_ranges(cfg):
+    """Values that can never work, whatever else is set."""
+    at_least = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+                "max_seq_len": 1, "num_train_epochs": 1, "save_total_limit": 1, "max_bad_steps": 1, "max_steps": 0,
+                "save_interval": 0, "eval_interval": 0, "num_warmup_steps": 0, "lora_dim": 0, "actor_lora_dim": 0,
+                "critic_lora_dim": 0, "max_eval_samples": 0, "threads": 0, "per_device_generation_batch_size": 1,
+                "per_device_training_batch_size": 1, "generation_batches": 1, "num_generations": 1, "ppo_epochs": 1,
+                "max_prompt_seq_len": 1, "max_answer_seq_len": 1, "inference_tp_size": 1}
+    for name, low in at_least.items():
+        if getattr(cfg, name, low) < low:
+            raise ConfigError(f"--{name} must be >= {low}, got {getattr(cfg, name)}")
+    for name in ("learning_rate", "actor_learning_rate", "critic_learning_rate", "weight_decay", "grad_clip",
+                 "lora_alpha", "lora_learning_rate", "dropout"):
+        value = getattr(cfg, name, 0.0)
+        if value is not None and not value >= 0:  # also catches nan
+            raise ConfigError(f"--{name} must be >= 0, got {value}")
+    if not 0 <= getattr(cfg, "eval_fraction", 0.0) < 1:
+        raise ConfigError(f"--eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if getattr(cfg, "max_steps", 0) and getattr(cfg, "num_warmup_steps", 0) > cfg.max_steps:
+        raise ConfigError(f"--num_warmup_steps {cfg.num_warmup_steps} is longer than --max_steps {cfg.max_steps}: "
+                          "the learning rate would never reach its peak")
+
+
+def _check_deepspeed(cfg):
+    """Combinations DeepSpeed rejects, or accepts and silently ignores (which is worse)."""
+    rl = hasattr(cfg, "actor_zero_stage")
+    stages = [cfg.actor_zero_stage] + ([cfg.critic_zero_stage] if cfg.algo == "ppo" else []) if rl \
+        else [getattr(cfg, "zero_stage", 0)]
+    if getattr(cfg, "offload", False) and min(stages) == 0:
+        flags = "--actor_zero_stage/--critic_zero_stage" if rl else "--zero_stage"
+        raise ConfigError(f"--offload needs ZeRO stage 1, 2 or 3 ({flags}); at stage 0 DeepSpeed ignores it")
+    if not rl:
+        return
+    if cfg.offload_reference_model and cfg.actor_zero_stage != 3:
+        raise ConfigError("--offload_reference_model needs --actor_zero_stage 3 (DeepSpeed offloads the parameters "
+                          "of a frozen model only under ZeRO-3)")
+    if cfg.offload_reward_model and cfg.critic_zero_stage != 3:
+        raise ConfigError("--offload_reward_model needs --critic_zero_stage 3 (DeepSpeed offloads the parameters of "
+                          "a frozen model only under ZeRO-3)")
+    if cfg.inference_tp_size > 1 and not (cfg.enable_hybrid_engine and cfg.actor_zero_stage == 3):
+        raise ConfigError("--inference_tp_size > 1 needs --enable_hybrid_engine and --actor_zero_stage 3 (the "
+                          "hybrid engine shards for tensor parallelism only from ZeRO-3)")
+    if cfg.actor_zero_stage == 2 and cfg.critic_zero_stage == 2 and cfg.enable_hybrid_engine and cfg.offload \
+            and not cfg.actor_lora_dim:
+        raise ConfigError("ZeRO-2 actor and critic + --enable_hybrid_engine + --offload without actor LoRA is "
+                          "unsupported (DeepSpeed-Chat: training instability); use ZeRO-3 or --actor_lora_dim")
+
+
 def check_common(cfg):
-    """Checks shared by every stage (called from each config's validate)."""
+    """Checks shared by every stage (called from each config's validate): one clear line per contradiction."""
     if getattr(cfg, "dtype", "auto") == "fp16":
         import torch
         if not torch.cuda.is_available():
             raise ConfigError("--dtype fp16 needs a GPU; on CPU use --dtype bf16 or fp32")
-    if getattr(cfg, "only_optimize_lora", False) and not getattr(cfg, "lora_dim", 0):
-        raise ConfigError("--only_optimize_lora needs --lora_dim > 0")
-    if getattr(cfg, "offload", False) and getattr(cfg, "zero_stage", 0) == 0:
-        raise ConfigError("--offload needs --zero_stage 1, 2 or 3 (ZeRO offload moves ZeRO state to CPU)")
+    _check_ranges(cfg)
+    if getattr(cfg, "only_optimize_lora", False) and not (getattr(cfg, "lora_dim", 0) or
+                                                          getattr(cfg, "actor_lora_dim", 0)):
+        flag = "--actor_lora_dim" if hasattr(cfg, "actor_lora_dim") else "--lora_dim"
+        raise ConfigError(f"--only_optimize_lora needs {flag} > 0")
+    _check_deepspeed(cfg)
     if getattr(cfg, "resume", False) and getattr(cfg, "no_resume", False):
         raise ConfigError("--resume and --no_resume contradict each other")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_len"):
-        if getattr(cfg, name, 1) < 1:
-            raise ConfigError(f"--{name} must be >= 1")
+    model = getattr(cfg, "model_name_or_path", "")  # steps 1/2 write the final model into OUTPUT_DIR itself
+    if model and os.path.isdir(model) and os.path.abspath(model) == os.path.abspath(getattr(cfg, "output_dir", "")):
+        raise ConfigError("--output_dir is --model_name_or_path: the run would overwrite the model it starts from")

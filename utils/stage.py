@@ -1,16 +1,30 @@
-"""What every stage's main.py does around its training: start-up, clear failures, a clean exit."""
+"""What every stage's main.py does around its training: start-up checks, clear failures, a clean exit.
+
+`start_stage` first runs `preflight`: cheap checks of every path and name the run will need (model dirs,
+data files, the Hub when a name is not local), so a typo fails in seconds with one line and exit 2, before
+DeepSpeed starts or any model is loaded.
+"""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import traceback
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import torch
 
 from utils.logger import RunLogger
-from utils.models import ModelLoadError, resolve_dtype
+from utils.models import OFFLINE_DEFAULT, ModelLoadError, resolve_dtype
 from utils.options import ConfigError
+
+STAGE_INDEX = {"step1_sft": 0, "step2_reward_model": 1, "step3_rlhf": 2}
+_LOCAL_ONLY = ("synthetic", "generate", "local/jsonfile")  # built-in names; also "synthetic:N", "generate:N"
+
+
+def builtin_name(name: str) -> bool:
+    return name.lower() == OFFLINE_DEFAULT or name in _LOCAL_ONLY or name.startswith(("synthetic:", "generate:"))
 
 
 @dataclass
@@ -22,9 +36,132 @@ class StageContext:
     log: RunLogger
 
 
+def looks_local(name: str) -> bool:
+    """A path, not a Hub id ("org/name" or "name")."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or \
+        name.endswith((".json", ".jsonl", ".parquet", ".txt", ".gguf", ".safetensors"))
+
+
+def hub_reachable(timeout=3.0) -> bool:
+    """Can we open a connection to the Hub? False at once with HF_HUB_OFFLINE=1 or when DNS fails."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return True  # cannot tell through a proxy; let the libraries try
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def go_offline():
+    """Make the HF libraries fail fast (no retries) instead of waiting on a network that is not there."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for mod, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+        if mod in sys.modules:
+            setattr(sys.modules[mod], attr, True)
+
+
+def reward_model_paths(cfg) -> list[str]:
+    """The model:PATH entries of step 3's --reward (the critic path when none is given); a bad spec -> ConfigError."""
+    if not hasattr(cfg, "reward"):
+        return []
+    from step3_rlhf.rewards.registry import ModelRewardSpec, parse_reward_specs
+    try:
+        specs = parse_reward_specs(cfg.reward or [f"model:{cfg.critic_model_name_or_path}"])
+    except ValueError as e:
+        raise ConfigError(f"--reward: {e}") from None
+    paths = [s.path for s in specs if isinstance(s, ModelRewardSpec)]
+    if len(paths) > 1:
+        raise ConfigError("--reward: only one model:PATH reward source is supported")
+    return paths
+
+
+def model_locations(cfg) -> list[tuple[str, str]]:
+    """(flag, value) of every model/tokenizer the run loads."""
+    fields = ["model_name_or_path", "tokenizer_name_or_path", "actor_model_name_or_path"]
+    if getattr(cfg, "algo", "ppo") == "ppo":
+        fields.append("critic_model_name_or_path")
+    out = [(f, getattr(cfg, f)) for f in fields if getattr(cfg, f, "")]
+    return out + [("reward", p) for p in reward_model_paths(cfg) if ("critic_model_name_or_path", p) not in out]
+
+
+def check_model_location(flag, value, online):
+    if value.lower() == OFFLINE_DEFAULT:
+        return
+    if os.path.isdir(value):
+        files = os.listdir(value)
+        if flag == "tokenizer_name_or_path":
+            if not any(f.startswith("tokenizer") or f.endswith((".model", "vocab.json")) for f in files):
+                raise ModelLoadError(f"--{flag} '{value}': no tokenizer files (tokenizer.json/tokenizer_config.json)")
+            return
+        if "config.json" not in files:
+            raise ModelLoadError(f"--{flag} '{value}': no config.json (is it a training output dir? the HF model "
+                                 "is written to OUTPUT_DIR itself)")
+        if not any(f.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")) for f in files):
+            raise ModelLoadError(f"--{flag} '{value}': has a config.json but no weights (*.safetensors)")
+        return
+    if os.path.exists(value):
+        raise ModelLoadError(f"--{flag} '{value}' is a file; pass the directory that holds config.json")
+    if looks_local(value):
+        raise ModelLoadError(f"--{flag} '{value}': no such directory")
+    if not online:
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(value, "config.json" if "tokenizer" not in flag else
+                                                 "tokenizer_config.json"), str):
+            raise ModelLoadError(f"--{flag} '{value}': not a local directory, not in the Hugging Face cache, and "
+                                 "the Hub is not reachable (offline); download it elsewhere and pass the directory")
+
+
+def check_data_location(flag, value):
+    if builtin_name(value) or os.path.exists(value):
+        if os.path.exists(value) and not (os.path.isfile(value) or os.path.isdir(value)):
+            raise ConfigError(f"--{flag} '{value}': not a regular file or directory")
+        return
+    if looks_local(value):
+        raise ConfigError(f"--{flag} '{value}': no such file or directory")
+
+
+def preflight(cfg, stage_name):
+    """Every check that needs no model and no DeepSpeed: paths, names, split shares, --resume, output dir."""
+    from utils.engine import Checkpointer
+    names = [v for _, v in model_locations(cfg)] + list(getattr(cfg, "data_path", []) or []) + \
+        [getattr(cfg, "unsupervised_dataset_name", "")]
+    non_local = [n for n in names if n and not os.path.exists(n) and not looks_local(n) and not builtin_name(n)]
+    online = True
+    if non_local and not hub_reachable():
+        online = False
+        go_offline()
+    for flag, value in model_locations(cfg):
+        check_model_location(flag, value, online)
+    for value in getattr(cfg, "data_path", []) or []:
+        check_data_location("data_path", value)
+    if getattr(cfg, "unsupervised_dataset_name", ""):
+        check_data_location("unsupervised_dataset_name", cfg.unsupervised_dataset_name)
+    if getattr(cfg, "task", "preference") == "preference" and stage_name in STAGE_INDEX:
+        from utils.data.splits import parse_data_split
+        shares, stage = parse_data_split(cfg.data_split), STAGE_INDEX[stage_name]
+        if stage >= len(shares) or shares[stage] == 0:
+            raise ConfigError(f"--data_split {cfg.data_split} gives {stage_name} (share {stage + 1}) no data; give "
+                              "it a share, e.g. 10,0,0 for step 1 alone")
+    out = cfg.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--output_dir '{out}' is a file")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(out if os.path.isdir(out) else parent, os.W_OK):
+        raise ConfigError(f"--output_dir '{out}': not writable")
+    if getattr(cfg, "resume", False) and not Checkpointer(out).tags():
+        raise ConfigError(f"--resume given but {os.path.join(out, 'checkpoints')} holds no checkpoint")
+
+
 def start_stage(cfg, stage_name) -> StageContext:
     from utils.ds_config import init_distributed
     from utils.engine import seed_everything
+    preflight(cfg, stage_name)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, device = init_distributed()
@@ -43,12 +180,13 @@ def start_stage(cfg, stage_name) -> StageContext:
 def user_errors():
     """Exception types whose message is the whole story for a user: printed as one line, exit 2."""
     from utils.data.rows import DataError
-    return (ConfigError, DataError, ModelLoadError, FileNotFoundError)
+    from utils.engine import CheckpointError
+    return (ConfigError, DataError, ModelLoadError, CheckpointError, FileNotFoundError)
 
 
 def run_main(main, argv=None):
-    """Run a stage's main; user errors exit 2 with one line. Ends with os._exit because torch/gloo
-    can abort at interpreter exit after all the work is done."""
+    """Run a stage's main; user errors exit 2 with one line, a numerical stop exits 3. Ends with os._exit
+    because torch/gloo can abort at interpreter exit after all the work is done."""
     code = 0
     try:
         main(argv)
@@ -62,6 +200,10 @@ def run_main(main, argv=None):
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 3
+    except KeyboardInterrupt:
+        print("interrupted (second signal): stopped without saving; run the same command again to resume from "
+              "the last checkpoint", file=sys.stderr)
+        code = 130
     except Exception:
         traceback.print_exc()
         code = 1

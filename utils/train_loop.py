@@ -2,8 +2,9 @@
 
 The stage supplies `loss_fn(engine, batch) -> (loss, metrics)` and `eval_fn() -> metrics`; this loop owns
 everything else: seeded per-epoch batch order (so a resumed run sees exactly the batches it would have seen),
-gradient accumulation through DeepSpeed, non-finite steps skipped, periodic eval, resumable checkpoints,
-SIGTERM/SIGINT handling, TensorBoard scalars and the progress bar.
+gradient accumulation through DeepSpeed, non-finite updates skipped and counted, periodic eval, resumable
+checkpoints (a resumed run ends with the same weights as an uninterrupted one), SIGTERM/SIGINT handling,
+TensorBoard scalars and the progress bar.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 
 import torch
 
-from utils.engine import Checkpointer, NonFiniteGuard, StopRequest
+from utils.engine import CheckpointError, Checkpointer, NonFiniteGuard, StopRequest, gradients_finite
 
 
 def epoch_batches(n, batch_size, world_size, rank, seed, epoch):
@@ -37,38 +38,51 @@ def steps_per_epoch(n, batch_size, world_size, grad_accum):
     return math.ceil(batches / grad_accum)
 
 
-def resume_point(cfg, ckpt: Checkpointer, log):
-    """The checkpoint to resume from, or None: --resume requires one, otherwise it is used if present."""
+def resume(cfg, ckpt: Checkpointer, engines: dict, log, tensor_names=()):
+    """Restore the newest usable checkpoint into `engines`: (state, tensors), or (None, {}) to start fresh.
+
+    --no_resume ignores checkpoints; otherwise the newest complete one is used (older ones if it is broken)."""
     if cfg.no_resume:
-        return None
-    found = ckpt.latest()
-    if found is None and cfg.resume:
-        raise SystemExit(f"error: --resume given but {ckpt.root} holds no checkpoint")
-    if found is not None:
-        log.info(f"resuming from {ckpt.root}/{found[0]} (step {found[1]['step']}); pass --no_resume to start over")
-    return found
+        return None, {}
+    restored = ckpt.restore(engines, tensor_names)
+    if restored is None:
+        if cfg.resume:
+            raise CheckpointError(f"--resume given but {ckpt.root} holds no checkpoint")
+        return None, {}
+    tag, state, tensors = restored
+    log.info(f"resuming from {ckpt.root}/{tag} (step {state['step']}); pass --no_resume to start over")
+    return state, tensors
+
+
+def stop_message(stop: StopRequest, step, ckpt: Checkpointer):
+    return (f"stopped by signal {stop.signal} after step {step}; checkpoint saved in {ckpt.root}/step{step}. "
+            "Run the same command again to resume (pass --no_resume to start over).")
 
 
 def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size, stage_name):
-    """Runs the epochs; returns the last eval metrics. Exits non-zero (after saving) on SIGTERM/SIGINT."""
-    ckpt = Checkpointer(cfg.output_dir, cfg.save_total_limit, rank)
+    """Runs the epochs; returns (last eval metrics, steps). Exits non-zero (after saving) on SIGTERM/SIGINT.
+
+    A micro-batch whose loss is not finite is dropped before backward (no engine.step either, so DeepSpeed's
+    accumulation window stays aligned and the next micro-batch takes its place); with ZeRO 0 a non-finite
+    accumulated gradient drops the window (ZeRO 1-3: DeepSpeed skips that step itself, and it is counted)."""
+    ckpt = Checkpointer(cfg.output_dir, cfg.save_total_limit, rank, log, fresh=cfg.no_resume)
     guard = NonFiniteGuard(cfg.max_bad_steps, stage_name)
     stop = StopRequest()
     accum = cfg.gradient_accumulation_steps
     per_epoch = steps_per_epoch(len(dataset), cfg.per_device_train_batch_size, world_size, accum)
     total = cfg.max_steps or per_epoch * cfg.num_train_epochs
     step, epoch0, batch0 = 0, 0, 0
-    found = resume_point(cfg, ckpt, log)
-    if found:
-        tag, state = found
-        ckpt.load({"model": engine}, tag, state)
+    state, _ = resume(cfg, ckpt, {"model": engine}, log)
+    if state:
         step, epoch0, batch0 = state["step"], state["epoch"], state["next_batch"]
+        guard.load(state.get("guard"))
     bar = log.progress(total, initial=step, desc=stage_name)
     window = {}
     metrics = {}
+    count_ds_skips = not engine.fp16_enabled()  # fp16 loss-scale overflows are DeepSpeed's business
 
     def save():
-        ckpt.save({"model": engine}, step, {"epoch": epoch, "next_batch": b + 1})
+        ckpt.save({"model": engine}, step, {"epoch": epoch, "next_batch": b + 1, "guard": guard.state()})
 
     engine.train()
     for epoch in range(epoch0, cfg.num_train_epochs if not cfg.max_steps else 10 ** 9):
@@ -78,14 +92,20 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
                 break
             batch = collate([dataset[i] for i in batches[b]])
             loss, m = loss_fn(engine, batch)
+            if not guard.check(step + 1, {"loss": loss.detach()}):
+                continue
             boundary = engine.is_gradient_accumulation_boundary()
-            if guard.check(step, {"loss": loss.detach()}):
-                engine.backward(loss)
-                engine.step()
-                for k, v in m.items():
-                    window.setdefault(k, []).append(float(v))
-            elif boundary:
-                engine.zero_grad()  # drop the accumulated window that contained the bad micro-batch
+            engine.backward(loss)
+            if boundary and not gradients_finite(engine):
+                guard.check(step + 1, {"gradient": float("nan")})
+                engine.zero_grad()
+                continue
+            skipped_before = engine.skipped_steps
+            engine.step()
+            if count_ds_skips and engine.skipped_steps > skipped_before:
+                guard.check(step + 1, {"gradient": float("nan")})
+            for k, v in m.items():
+                window.setdefault(k, []).append(float(v))
             if not boundary:
                 continue
             step += 1
@@ -106,14 +126,13 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
                 save()
             if stop.requested:
                 bar.close()
-                log.info(f"stopped by signal {stop.signal} after step {step}; checkpoint saved in {ckpt.root}. "
-                         "Run the same command again to resume.")
+                log.info(stop_message(stop, step, ckpt))
                 sys.exit(128 + int(stop.signal))
         if step >= total:
             break
     bar.close()
     if guard.total:
-        log.info(f"{guard.total} step(s) skipped because the loss was not finite")
+        log.info(f"{guard.total} update(s) skipped because the loss or gradient was not finite")
     metrics = eval_fn()
     log.scalars(metrics, step)
     return metrics, step
