@@ -92,6 +92,7 @@ def fit(trainer, prompts, total_steps):
                 sys.exit(128 + int(stop.signal))
         epoch += 1
     bar.close()
+    stop.close()
     if trainer.guard.total:
         log.info(f"{trainer.guard.total} update(s) skipped because a loss, reward or KL was not finite")
     return history

@@ -53,7 +53,7 @@ def main(argv=None):
     before_path = os.path.join(cfg.output_dir, "eval_before.json")
     before = None
     if eval_items:
-        if os.path.exists(before_path):  # resumed run: the step-1 actor was measured before the crash
+        if os.path.exists(before_path) and not cfg.no_resume:  # resumed: measured before the crash
             with open(before_path) as f:
                 before = json.load(f)
         else:

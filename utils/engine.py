@@ -322,8 +322,12 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def close(self):
+        """Give the process its own handlers back (a stage run in-process must not swallow the next Ctrl-C)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.signal is not None:  # second Ctrl-C: stop now

@@ -32,11 +32,13 @@ def cache_root() -> str:
     return os.environ.get("RLHFKIT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rlhfkit"))
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Return something `from_pretrained` can load; converts the offline default on first use."""
+def resolve_model_path(name_or_path: str, need_weights: bool = True) -> str:
+    """Return something `from_pretrained` can load; converts the offline default on first use.
+    `need_weights=False` accepts a tokenizer-only folder."""
     if name_or_path.lower() != OFFLINE_DEFAULT:
         if os.path.isdir(name_or_path):
-            _check_model_dir(name_or_path)
+            if need_weights:
+                _check_model_dir(name_or_path)
         elif os.path.exists(name_or_path):
             raise ModelLoadError(f"model path '{name_or_path}' is a file; pass the directory that holds config.json")
         return name_or_path
@@ -94,7 +96,8 @@ def _from_pretrained(auto_cls, path, **kw):
 
 def load_tokenizer(name_or_path: str, trust_remote_code=False):
     from transformers import AutoTokenizer
-    tok = _from_pretrained(AutoTokenizer, resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    tok = _from_pretrained(AutoTokenizer, resolve_model_path(name_or_path, need_weights=False),
+                           trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         # Masks come from lengths everywhere, so pad == eos is safe here (upstream's pad/eos confusion is not).
         tok.pad_token = tok.eos_token

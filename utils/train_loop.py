@@ -131,6 +131,7 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
         if step >= total:
             break
     bar.close()
+    stop.close()
     if guard.total:
         log.info(f"{guard.total} update(s) skipped because the loss or gradient was not finite")
     metrics = eval_fn()
