@@ -81,6 +81,7 @@ def main(argv=None):
                                 lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
     ev = lambda: evaluate(engine, eval_set, collate, cfg.per_device_eval_batch_size, ctx.device)  # noqa: E731
     before = ev() if cfg.compare_before else {}
+    ctx.log.scalars(before, 0)  # the report then shows before -> after
     ctx.log.info(f"{len(train_set)} training / {len(eval_set)} eval sequences, {total} optimizer steps")
 
     def step_fn(engine, batch):

@@ -141,13 +141,32 @@ def build_parser(config_cls, description=""):
             parser.add_argument(name, nargs=meta.pop("nargs", "+"), default=default, help=help_text, **meta)
         else:
             parser.add_argument(name, type=tp, default=default, help=help_text, **meta)
+    compat = parser.add_argument_group("accepted for DeepSpeed-Chat scripts (no effect here)")
+    for flag, kw in UPSTREAM_ONLY_FLAGS.items():
+        if "--" + flag not in parser._option_string_actions:
+            compat.add_argument("--" + flag, default=argparse.SUPPRESS, **kw)
     return parser
+
+
+# DeepSpeed-Chat flags a ported script may still pass, and why they need nothing here.
+UPSTREAM_ONLY_FLAGS = {
+    "deepspeed": dict(action="store_true", help="upstream's deepspeed.add_config_arguments flag; the DeepSpeed "
+                                                "config is built from these options"),
+    "num_padding_at_beginning": dict(type=int, help="upstream's OPT padding offset; scores are read by the "
+                                                    "attention mask, so no offset is needed"),
+    "compute_fp32_loss": dict(action="store_true", help="losses and log-probs are always computed in fp32"),
+    "add_eot_token": dict(action="store_true", help="the end of a turn comes from the chat template and EOS"),
+    "disable_actor_dropout": dict(action="store_true", help="actor dropout is 0 by default (--actor_dropout)"),
+    "disable_critic_dropout": dict(action="store_true", help="critic dropout is 0 by default (--critic_dropout)"),
+}
 
 
 def parse_config(config_cls, argv=None):
     """Parse argv into `config_cls`, then run its `validate()`; a ConfigError exits 2 with one line."""
-    args = build_parser(config_cls).parse_args(argv)
-    cfg = config_cls(**vars(args))
+    args = vars(build_parser(config_cls).parse_args(argv))
+    for flag in UPSTREAM_ONLY_FLAGS:
+        args.pop(flag, None)
+    cfg = config_cls(**args)
     try:
         if hasattr(cfg, "validate"):
             cfg.validate()
