@@ -8,6 +8,6 @@ python3 "$REPO/step2_reward_model/main.py" \
   --model_name_or_path "$BASE" \
   --data_path synthetic --data_split 2,4,4 \
   --max_seq_len 128 --per_device_train_batch_size 8 --per_device_eval_batch_size 16 \
-  --learning_rate 3e-5 --lr_scheduler_type cosine --num_warmup_steps 2 --max_steps 24 \
+  --learning_rate 5e-5 --lr_scheduler_type cosine --num_warmup_steps 2 --max_steps 32 \
   --max_eval_samples 96 --disable_dropout --dtype auto --threads 2 \
   --enable_tensorboard --output_dir "$OUTPUT" "$@"

@@ -10,6 +10,6 @@ python3 "$REPO/step3_rlhf/main.py" \
   --data_path synthetic --data_split 2,4,4 \
   --max_prompt_seq_len 96 --max_answer_seq_len 32 \
   --per_device_generation_batch_size 8 --per_device_training_batch_size 8 --generation_batches 1 --ppo_epochs 1 \
-  --actor_learning_rate 2e-6 --critic_learning_rate 1e-5 --lr_scheduler_type constant --max_steps 16 \
+  --actor_learning_rate 1e-5 --critic_learning_rate 3e-5 --lr_scheduler_type constant --max_steps 24 \
   --kl_ctl 0.05 --dtype auto --threads 2 --eval_prompts 16 \
   --enable_tensorboard --output_dir "$OUTPUT" "$@"
