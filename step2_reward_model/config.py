@@ -2,7 +2,7 @@
 from dataclasses import dataclass
 
 from utils.options import (DataOptions, DeepSpeedOptions, LoggingOptions, LoraOptions, ModelOptions, TrainOptions,
-                           check_common, opt)
+                           ConfigError, check_common, opt)
 
 
 @dataclass
@@ -13,7 +13,24 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
                                   "sign means something.")
     head_init_std: float = opt(0.0, "Std of the value head's initial weights (0 = zeros, so every pair starts "
                                     "at a tie and the loss is exactly log 2).")
+    forward_chunk: int = opt(4, "Sequences per forward pass: a batch's 2B chosen+rejected sequences are sorted by "
+                                "length and run this many at a time, each chunk cut to its own longest, so short "
+                                "ones skip the longest one's padding (the loss and its one backward are the same; "
+                                "about 2x faster on CPU for hh-style data). 0 = one padded forward of the batch.")
+    num_frozen_layers: int = opt(0, "Freeze the embeddings and this many of the lowest transformer blocks (backward "
+                                    "stops above them: faster steps, fewer trained weights).")
+    score_offset: int = opt(0, "Where the score is read: 0 = the last non-pad token (the EOS / end-of-turn token "
+                               "closing every reply); 1 = the token before it (the reply's last word).",
+                            choices=[0, 1])
+    chat_template: str = opt("auto", "auto = the tokenizer's chat template when it has one; none = DeepSpeed-Chat's "
+                                      "hh text (' Human: ... Assistant:') even for a chat model.",
+                             choices=["auto", "none"])
+    eval_scores_path: str = opt("", "Also write every eval pair's chosen/rejected score here as JSON Lines.")
     compare_before: bool = opt(True, "Evaluate once before training so the summary shows before -> after.")
 
     def validate(self):
         check_common(self)
+        if self.num_frozen_layers < 0:
+            raise ConfigError("--num_frozen_layers must be >= 0")
+        if self.forward_chunk < 0:
+            raise ConfigError("--forward_chunk must be >= 0 (0 = the whole batch in one forward)")

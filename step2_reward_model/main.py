@@ -4,8 +4,10 @@
     python step2_reward_model/main.py            # offline default
 The score of a sequence is the head's value at its last non-pad token (left or right padding).
 """
+import json
 import os
 import sys
+import time
 
 if __package__ in (None, ""):  # `python step2_reward_model/main.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -15,50 +17,109 @@ import torch  # noqa: E402
 from step2_reward_model.config import RewardConfig  # noqa: E402
 from utils.data.pipeline import pair_datasets  # noqa: E402
 from utils.engine import build_train_engine  # noqa: E402
-from utils.losses import gather_last, pairwise_accuracy, pairwise_reward_loss  # noqa: E402
+from utils.losses import gather_last, last_token_index, pairwise_accuracy, pairwise_reward_loss  # noqa: E402
 from utils.models import TokenValues, load_tokenizer, load_value_model, save_hf_model  # noqa: E402
-from utils.options import parse_config  # noqa: E402
+from utils.options import ConfigError, parse_config  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
 
 
-def pair_scores(engine, batch):
-    """Scores of the concatenated [chosen; rejected] batch -> (chosen [B], rejected [B])."""
-    values = engine(batch["input_ids"], batch["attention_mask"])
-    scores = gather_last(values, batch["attention_mask"])
+def read_scores(values, attention_mask, score_offset=0):
+    """values[b, last non-pad index - score_offset]: 0 reads the EOS / end-of-turn token ending every reply,
+    1 the token before it (the reply's last word)."""
+    if not score_offset:
+        return gather_last(values, attention_mask)
+    idx = (last_token_index(attention_mask) - score_offset).clamp(min=0).unsqueeze(-1)
+    return values.gather(-1, idx).squeeze(-1)
+
+
+def freeze_lower_layers(model, n_layers):
+    """Freeze the token embeddings and the first n_layers transformer blocks; returns how many were frozen.
+
+    Backward then stops at the first trainable block, so each step skips that much backward work, and the
+    optimizer holds fewer weights. The blocks are the model's longest ModuleList (Llama `model.layers`, OPT
+    `model.decoder.layers`, GPT-2 `transformer.h`)."""
+    if n_layers <= 0:
+        return 0
+    blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=None)
+    if blocks is None or n_layers >= len(blocks):
+        raise ConfigError(f"--num_frozen_layers {n_layers}: the model has {len(blocks or [])} blocks; freeze fewer")
+    model.get_input_embeddings().requires_grad_(False)
+    for block in blocks[:n_layers]:
+        block.requires_grad_(False)
+    return n_layers
+
+
+def pair_scores(engine, batch, chunk=0, score_offset=0):
+    """Scores of the concatenated [chosen; rejected] batch -> (chosen [B], rejected [B]).
+
+    chunk > 0: the 2B sequences are sorted by length and run `chunk` at a time, each chunk cut to its own
+    longest row, so short rows do not pay for the longest one's padding (the batch's loss and its one
+    backward are unchanged; only padding work is skipped). chunk = 0: one padded forward of the whole batch.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if chunk <= 0 or chunk >= ids.shape[0]:
+        scores = read_scores(engine(ids, mask), mask, score_offset)
+    else:
+        order = torch.argsort(mask.sum(-1), stable=True)
+        parts = []
+        for idx in order.split(chunk):
+            sub_mask = mask[idx]
+            cols = sub_mask.any(0).nonzero().squeeze(-1)  # columns any row of the chunk uses (left or right pad)
+            lo, hi = int(cols.min()), int(cols.max()) + 1
+            sub_mask = sub_mask[:, lo:hi]
+            parts.append(read_scores(engine(ids[idx, lo:hi], sub_mask), sub_mask, score_offset))
+        scores = torch.cat(parts)[torch.argsort(order)]  # back to batch order (indexing keeps the graph)
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
 
-def reward_step(engine, batch, center_coef):
-    chosen, rejected = pair_scores(engine, batch)
+def reward_step(engine, batch, center_coef, chunk=0, score_offset=0):
+    chosen, rejected = pair_scores(engine, batch, chunk, score_offset)
     loss = pairwise_reward_loss(chosen, rejected, center_coef)
     return loss, {"train/loss": loss.detach(), "train/accuracy": pairwise_accuracy(chosen, rejected),
                   "train/chosen_score": chosen.mean().detach(), "train/rejected_score": rejected.mean().detach()}
 
 
 @torch.no_grad()
-def evaluate(engine, dataset, collate, batch_size, device):
+def eval_pair_scores(engine, dataset, collate, batch_size, device, chunk=0, score_offset=0):
+    """[(index, chosen score, rejected score)] for every eval pair, gathered from all ranks, in index order."""
     import torch.distributed as dist
     engine.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # correct, chosen sum, rejected sum, count, loss sum
+    mine = []
     for idx in rank_batches(len(dataset), batch_size):
         batch = {k: v.to(device) for k, v in collate([dataset[j] for j in idx]).items()}
-        c, r = pair_scores(engine, batch)
-        c, r = c.double().cpu(), r.double().cpu()
-        sums += torch.stack([(c > r).double().sum(), c.sum(), r.sum(), torch.tensor(float(len(c)), dtype=torch.float64),
-                             torch.nn.functional.softplus(r - c).sum()])
-    dist.all_reduce(sums)
-    n = max(sums[3].item(), 1.0)
-    return {"eval/accuracy": sums[0].item() / n, "eval/chosen_score": sums[1].item() / n,
-            "eval/rejected_score": sums[2].item() / n, "eval/margin": (sums[1] - sums[2]).item() / n,
-            "eval/loss": sums[4].item() / n}
+        c, r = pair_scores(engine, batch, chunk, score_offset)
+        mine.extend(zip(idx, c.double().cpu().tolist(), r.double().cpu().tolist()))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return sorted(t for part in every for t in part)
+
+
+def eval_metrics(triples):
+    """Accuracy (a tie is wrong), mean chosen/rejected score, mean margin and mean pairwise loss."""
+    n = max(len(triples), 1)
+    c = torch.tensor([t[1] for t in triples], dtype=torch.float64)
+    r = torch.tensor([t[2] for t in triples], dtype=torch.float64)
+    return {"eval/accuracy": (c > r).double().sum().item() / n, "eval/chosen_score": c.sum().item() / n,
+            "eval/rejected_score": r.sum().item() / n, "eval/margin": (c - r).sum().item() / n,
+            "eval/loss": torch.nn.functional.softplus(r - c).sum().item() / n}
+
+
+def write_pair_scores(path, triples):
+    """One JSON line per eval pair: {"index", "chosen", "rejected"} (for confidence intervals, error analysis)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for i, c, r in triples:
+            f.write(json.dumps({"index": i, "chosen": c, "rejected": r}) + "\n")
 
 
 def main(argv=None):
     cfg = parse_config(RewardConfig, argv)
     ctx = start_stage(cfg, "step2_reward_model")
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
+    if cfg.chat_template == "none":
+        tokenizer.chat_template = None  # DeepSpeed-Chat's hh text instead (utils/data/templates.py)
     train_set, eval_set, collate = pair_datasets(cfg, tokenizer, ctx.log)
     model = load_value_model(cfg.model_name_or_path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
                              head_init_std=cfg.head_init_std, dropout=cfg.dropout, disable_dropout=cfg.disable_dropout,
@@ -67,6 +128,7 @@ def main(argv=None):
                              lora_only=cfg.only_optimize_lora)
     if cfg.only_optimize_lora:
         model.score.weight.requires_grad_(True)  # the head is new: it must train even in LoRA-only mode
+    freeze_lower_layers(model, cfg.num_frozen_layers)
     total = cfg.max_steps or cfg.num_train_epochs * steps_per_epoch(
         len(train_set), cfg.per_device_train_batch_size, ctx.world_size, cfg.gradient_accumulation_steps)
     engine = build_train_engine(TokenValues(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
@@ -75,18 +137,32 @@ def main(argv=None):
                                 world_size=ctx.world_size, zero_stage=cfg.zero_stage, offload=cfg.offload,
                                 dtype=ctx.dtype, grad_clip=cfg.grad_clip,
                                 lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
-    ev = lambda: evaluate(engine, eval_set, collate, cfg.per_device_eval_batch_size, ctx.device)  # noqa: E731
+    eval_clock = {"seconds": 0.0, "scores": []}
+
+    def ev():
+        start = time.perf_counter()
+        eval_clock["scores"] = eval_pair_scores(engine, eval_set, collate, cfg.per_device_eval_batch_size,
+                                                ctx.device, cfg.forward_chunk, cfg.score_offset)
+        eval_clock["seconds"] += time.perf_counter() - start
+        return eval_metrics(eval_clock["scores"])
+
     before = ev() if cfg.compare_before else {}
+    eval_clock["seconds"] = 0.0
     ctx.log.info(f"{len(train_set)} training / {len(eval_set)} eval pairs, {total} optimizer steps")
 
     def step_fn(engine, batch):
-        return reward_step(engine, {k: v.to(ctx.device) for k, v in batch.items()}, cfg.center_coef)
+        return reward_step(engine, {k: v.to(ctx.device) for k, v in batch.items()}, cfg.center_coef,
+                           cfg.forward_chunk, cfg.score_offset)
 
+    start = time.perf_counter()
     after, steps = train(cfg, engine, train_set, collate, step_fn, ev, ctx.log, ctx.rank, ctx.world_size,
                          "step2_reward_model")
+    train_seconds = time.perf_counter() - start - eval_clock["seconds"]  # the loop's evals are not training
+    if cfg.eval_scores_path and ctx.rank == 0:
+        write_pair_scores(cfg.eval_scores_path, eval_clock["scores"])
     save_hf_model(engine, tokenizer, cfg.output_dir, cfg.zero_stage, ctx.rank)
     summary = {"stage": "step2_reward_model", "steps": steps, "before": before, "after": after,
-               "train_pairs": len(train_set), "eval_pairs": len(eval_set)}
+               "train_pairs": len(train_set), "eval_pairs": len(eval_set), "train_seconds": round(train_seconds, 1)}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before:
         ctx.log.info(f"pairwise accuracy on {len(eval_set)} held-out pairs {before['eval/accuracy']:.3f} -> "

@@ -13,7 +13,9 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
     # -- models
     actor_model_name_or_path: str = opt("", "The step-1 model (HF dir / Hub name / 'smollm2-135m-instruct').")
     critic_model_name_or_path: str = opt("", "The step-2 reward model; the critic starts from it and it is the "
-                                             "frozen reward model unless --reward says otherwise.")
+                                             "frozen reward model unless --reward says otherwise. With --algo "
+                                             "ppo and rule rewards only, it defaults to the actor (TinyZero/veRL: "
+                                             "the critic starts from the policy with a fresh value head).")
     tokenizer_name_or_path: str = opt("", "Tokenizer, if not the actor's.")
     trust_remote_code: bool = opt(False, "Allow a Hub model's own Python code to run.")
     algo: str = opt("ppo", "RL algorithm: ppo (critic + GAE), grpo, rloo, reinforce (critic-free).", choices=ALGOS)
@@ -21,7 +23,8 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
                            "length, package.module:function, each optionally NAME=WEIGHT. Default: "
                            "model:CRITIC_MODEL_NAME_OR_PATH.", nargs="*")
     task: str = opt("preference", "Prompt source: preference data (--data_path), or countdown / gsm8k tasks "
-                                  "(--data_path FILE.jsonl, or 'generate' for built-in Countdown tasks).",
+                                  "(--data_path FILE.jsonl [EVAL.jsonl], or 'generate[:N]' for N built-in Countdown "
+                                  "tasks, default 2000).",
                     choices=["preference", "countdown", "gsm8k"])
     prompt_style: str = opt("chat", "R1-Zero prompt style for countdown/gsm8k: the chat template or base text.",
                             choices=["chat", "base"])
@@ -97,10 +100,13 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
         if not self.actor_model_name_or_path:
             raise ConfigError("--actor_model_name_or_path is required (the step-1 output dir)")
         needs_model_reward = not self.reward or any(r.startswith("model:") for r in self.reward)
+        if not self.reward and not self.critic_model_name_or_path:
+            raise ConfigError("no reward: pass --critic_model_name_or_path (a step-2 model) or --reward (rules)")
         if self.algo == "ppo" and not self.critic_model_name_or_path:
-            raise ConfigError("--algo ppo needs --critic_model_name_or_path (the step-2 output dir)")
-        if needs_model_reward and not self.reward and not self.critic_model_name_or_path:
-            raise ConfigError("no reward: pass --critic_model_name_or_path or --reward")
+            if needs_model_reward:
+                raise ConfigError("--algo ppo needs --critic_model_name_or_path (the step-2 output dir)")
+            self.critic_model_name_or_path = self.actor_model_name_or_path  # rule rewards: critic from the actor
+        self._check_rules_match_task()
         if self.algo != "ppo" and self.num_generations < 2:
             raise ConfigError(f"--algo {self.algo} compares samples of one prompt: set --num_generations >= 2")
         if self.min_answer_seq_len > self.max_answer_seq_len:
@@ -117,3 +123,12 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
             self.loss_agg = "token-mean" if self.algo == "ppo" else "seq-mean-token-mean"
         self.zero_stage = self.actor_zero_stage  # read by shared start-up code
         check_common(self)
+
+    def _check_rules_match_task(self):
+        """A task rule reads its answer key from the prompt's meta; on other prompts it would score 0 on
+        every sample (and the run would learn nothing) - say so now instead."""
+        names = {part.split("=")[0].strip() for value in self.reward for part in value.split(",")}
+        for rule in ("countdown", "gsm8k"):
+            if rule in names and self.task != rule:
+                raise ConfigError(f"--reward {rule} needs --task {rule} (its prompts carry the answer key); "
+                                  f"got --task {self.task}")

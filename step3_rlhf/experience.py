@@ -30,6 +30,9 @@ class Experience:
     responses: list = field(default_factory=list)
     prompts: list = field(default_factory=list)
     components: dict = field(default_factory=dict)
+    # (logp, entropy) of the experience-time actor forward with its autograd graph kept, when that forward IS
+    # the first update's forward (see RLTrainer.make_experience); None otherwise. Never copied by rows().
+    policy_graph: tuple | None = field(default=None, repr=False)
 
     def rows(self, idx):
         """A sub-batch of rows (for micro-batching); prompt/response width stays the same."""
@@ -54,27 +57,49 @@ def action_mask_from(responses: torch.Tensor, eos: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(actor, prompt_ids, prompt_mask, cfg, tokenizer, synced_gpus=False, use_hybrid=False):
-    """Sample responses; returns (sequences [B, P+R], action_mask [B, R]).
+def generate(actor, prompt_ids, prompt_mask, cfg, tokenizer, synced_gpus=False, use_hybrid=False, fast=None,
+             return_logprobs=False, group_size=1):
+    """Sample responses; returns (sequences [B, P+R], action_mask [B, R]) (+ logprobs [B, R] if asked).
 
-    `use_hybrid`: DeepSpeed's hybrid engine generates (its inference kernels); otherwise the model's own
-    `generate` with a KV cache (under ZeRO-3 DeepSpeed gathers each layer's parameters as it runs)."""
+    Three generators, picked here:
+    - `use_hybrid`: DeepSpeed's hybrid engine (its inference kernels);
+    - our decode loop (generation.sample: a KV cache and no per-token generate() overhead) for a plain
+      decoder-only model on one process - `fast` None (auto) or True;
+    - otherwise the model's own `generate` with a KV cache (ZeRO-3 / several processes: synced_gpus, and
+      DeepSpeed gathers each layer's parameters as it runs).
+    `return_logprobs` also returns the sampled tokens' log-probs under logits / temperature, as the decode
+    loop saw them (our loop only; None from the others). `group_size`: rows come in groups of copies of one
+    prompt (GRPO), so our loop runs each prompt once and shares its KV cache."""
+    from step3_rlhf.generation import fast_decode_ok, sample
     model = unwrap(actor)
-    gen = actor.generate if use_hybrid else model.generate
     eos = eos_ids(tokenizer, model)
-    kwargs = dict(max_new_tokens=cfg.max_answer_seq_len, min_new_tokens=cfg.min_answer_seq_len or None,
-                  do_sample=cfg.temperature > 0, temperature=cfg.temperature if cfg.temperature > 0 else None,
-                  top_p=cfg.top_p if cfg.temperature > 0 else None, top_k=cfg.top_k or None,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, use_cache=True, synced_gpus=synced_gpus)
     was_training = model.training
     model.eval()
-    seq = gen(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+    logps = None
+    backend = getattr(cfg, "generation_backend", "auto")
+    use_fast = fast if fast is not None else backend != "hf"
+    if use_fast and fast_decode_ok(model, synced_gpus, use_hybrid):
+        out = sample(model, prompt_ids, prompt_mask, max_new_tokens=cfg.max_answer_seq_len,
+                     min_new_tokens=cfg.min_answer_seq_len, eos_ids=eos, pad_id=tokenizer.pad_token_id,
+                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, group_size=group_size,
+                     return_logprobs=return_logprobs)
+        responses, logps = out if return_logprobs else (out, None)
+        seq = torch.cat([prompt_ids, responses], 1)
+    else:
+        gen = actor.generate if use_hybrid else model.generate
+        kwargs = dict(max_new_tokens=cfg.max_answer_seq_len, min_new_tokens=cfg.min_answer_seq_len or None,
+                      do_sample=cfg.temperature > 0, temperature=cfg.temperature if cfg.temperature > 0 else None,
+                      top_p=cfg.top_p if cfg.temperature > 0 else None, top_k=cfg.top_k or None,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, use_cache=True, synced_gpus=synced_gpus)
+        seq = gen(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
     model.train(was_training)
     responses = seq[:, prompt_ids.shape[1]:]
     if responses.shape[1] == 0:  # nothing generated at all (max_answer_seq_len 0): one masked pad column
         responses = torch.full((seq.shape[0], 1), tokenizer.pad_token_id, dtype=seq.dtype, device=seq.device)
-        return torch.cat([prompt_ids, responses], 1), torch.zeros_like(responses, dtype=torch.float)
-    return seq, action_mask_from(responses, eos)
+        seq, mask = torch.cat([prompt_ids, responses], 1), torch.zeros_like(responses, dtype=torch.float)
+        return (seq, mask, torch.zeros_like(mask)) if return_logprobs else (seq, mask)
+    mask = action_mask_from(responses, eos)
+    return (seq, mask, logps) if return_logprobs else (seq, mask)
 
 
 def response_logits(model, sequences, attention_mask, n_response, temperature=1.0):
@@ -85,17 +110,34 @@ def response_logits(model, sequences, attention_mask, n_response, temperature=1.
     return logits / temperature if temperature not in (0, 1) else logits
 
 
-def response_logprobs(model, sequences, attention_mask, n_response, temperature=1.0, with_entropy=False):
-    logits = response_logits(model, sequences, attention_mask, n_response, temperature)
-    logp = gather_logprobs(logits, sequences[:, -n_response:], chunk_size=64)
-    if with_entropy:
-        return logp, entropy_from_logits(logits.detach(), chunk_size=64)
-    return logp
+def _by_rows(fn, row_chunk, *tensors):
+    """fn(*row slices) over chunks of `row_chunk` rows, concatenated: the same numbers for a fraction of the
+    transient memory (logits of a few rows at a time). No chunking under autograd (one micro-batch)."""
+    n = tensors[0].shape[0]
+    if not row_chunk or n <= row_chunk or torch.is_grad_enabled():
+        return fn(*tensors)
+    parts = [fn(*(t[s:s + row_chunk] for t in tensors)) for s in range(0, n, row_chunk)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
 
 
-def response_values(critic, sequences, attention_mask, n_response):
+def response_logprobs(model, sequences, attention_mask, n_response, temperature=1.0, with_entropy=False,
+                      row_chunk=None):
+    """log p of the R response tokens [B, R] (float32), and their entropy with `with_entropy`.
+    `row_chunk`: without autograd, run at most that many rows at a time (same numbers, less memory)."""
+    def one(seq, mask):
+        logits = response_logits(model, seq, mask, n_response, temperature)
+        logp = gather_logprobs(logits, seq[:, -n_response:], chunk_size=64)
+        if with_entropy:
+            return logp, entropy_from_logits(logits.detach(), chunk_size=64)
+        return logp
+    return _by_rows(one, row_chunk, sequences, attention_mask)
+
+
+def response_values(critic, sequences, attention_mask, n_response, row_chunk=None):
     """V(s_t) for each response token t: the critic's value at the position before it."""
-    values = critic(sequences, attention_mask)
+    values = _by_rows(critic, row_chunk, sequences, attention_mask)
     return values[:, -n_response - 1:-1]
 
 
@@ -106,11 +148,12 @@ class RewardFunction:
         self.reward_engine, self.model_weight, self.rules = reward_engine, model_weight, rules
 
     @torch.no_grad()
-    def __call__(self, sequences, attention_mask, prompts, responses, metas):
+    def __call__(self, sequences, attention_mask, prompts, responses, metas, row_chunk=None):
         total = torch.zeros(sequences.shape[0], device=sequences.device)
         components = {}
         if self.reward_engine is not None:
-            score = gather_last(self.reward_engine(sequences, attention_mask), attention_mask).float()
+            values = _by_rows(self.reward_engine, row_chunk, sequences, attention_mask)
+            score = gather_last(values, attention_mask).float()
             components["reward/model"] = score
             total += self.model_weight * score
         if self.rules is not None:

@@ -4,7 +4,6 @@ Every prompt item is {"prompt_input_ids", "prompt" (text), "meta" (what a rule r
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 
@@ -25,14 +24,25 @@ def _tokenize_task(tokenizer, task_prompt, max_len):
     return {"prompt_input_ids": ids[max(0, len(ids) - max_len):], "prompt": text, "meta": task_prompt.meta}
 
 
+def _read_task_files(loader, paths):
+    """(train rows, eval rows or None) from one or two local JSONL files; a bad row is a one-line DataError."""
+    try:
+        return loader(paths[0]), (loader(paths[1]) if len(paths) > 1 else None)
+    except ValueError as e:  # the loaders name file, line and field
+        raise DataError(str(e)) from None
+
+
 def _task_rows(cfg):
     path = cfg.data_path[0]
     if cfg.task == "countdown":
-        if path in ("generate", "synthetic"):
-            return generate_tasks(2000, cfg.seed, num_count=(3, 3)), None
-        return load_countdown_jsonl(path), (load_countdown_jsonl(cfg.data_path[1]) if len(cfg.data_path) > 1 else None)
+        name, _, count = path.partition(":")
+        if name in ("generate", "synthetic"):  # built-in solvable 3-number tasks: 'generate' or 'generate:N'
+            if count and not count.isdigit():
+                raise DataError(f"--data_path {path}: expected generate or generate:N (N tasks)")
+            return generate_tasks(int(count or 2000), cfg.seed, num_count=(3, 3)), None
+        return _read_task_files(load_countdown_jsonl, cfg.data_path)
     if os.path.exists(path):
-        return load_gsm8k_jsonl(path), (load_gsm8k_jsonl(cfg.data_path[1]) if len(cfg.data_path) > 1 else None)
+        return _read_task_files(load_gsm8k_jsonl, cfg.data_path)
     try:
         import datasets
         ds = datasets.load_dataset(path, "main")
@@ -88,8 +98,34 @@ def _read_texts(name):
                         ".txt or .jsonl with a 'text' field") from None
 
 
-def ptx_batches(cfg, tokenizer, batch_size, max_len):
-    """An endless iterator of right-padded LM batches (loss on every token) for PTX mixing."""
+class PtxBatches:
+    """Endless right-padded LM batches (loss on every token) for PTX mixing, in a seeded order that repeats
+    each pass. `position` (batches served so far) goes into step-3 checkpoints via `state()`/`load()`, so a
+    resumed run continues with the batch the interrupted one would have used next."""
+
+    def __init__(self, items, batch_size, pad_id, seed):
+        self.items, self.batch_size, self.pad_id = items, batch_size, pad_id
+        self.order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = self.position * self.batch_size
+        idx = [self.order[(start + k) % len(self.order)] for k in range(self.batch_size)]
+        self.position += 1
+        return collate_right_padded([self.items[i] for i in idx], self.pad_id)
+
+    def state(self) -> dict:
+        return {"position": self.position}
+
+    def load(self, state: dict):
+        self.position = int(state["position"])
+
+
+def ptx_batches(cfg, tokenizer, batch_size, max_len) -> PtxBatches:
+    """The PTX batches of --unsupervised_dataset_name (a .txt, a .jsonl with 'text', or a Hub set)."""
     texts = _read_texts(cfg.unsupervised_dataset_name)
     if not texts:
         raise DataError(f"{cfg.unsupervised_dataset_name}: no text found for --unsupervised_dataset_name")
@@ -97,8 +133,4 @@ def ptx_batches(cfg, tokenizer, batch_size, max_len):
     for t in texts:
         ids = tokenizer(t, add_special_tokens=True)["input_ids"][:max_len]
         items.append({"input_ids": ids, "labels": ids})
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(items), generator=g).tolist()
-    for start in itertools.count(0, batch_size):
-        idx = [order[(start + k) % len(order)] for k in range(batch_size)]
-        yield collate_right_padded([items[i] for i in idx], tokenizer.pad_token_id)
+    return PtxBatches(items, batch_size, tokenizer.pad_token_id, cfg.seed)

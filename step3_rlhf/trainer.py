@@ -9,7 +9,7 @@ import torch
 
 from step3_rlhf.algorithms import compute_advantages, policy_loss
 from step3_rlhf.engines import EMA, ReferenceScope
-from step3_rlhf.experience import Experience, generate, response_logprobs, response_values
+from step3_rlhf.experience import Experience, RewardFunction, generate, response_logprobs, response_values
 from utils.engine import NonFiniteGuard
 from utils.losses import masked_mean, sft_loss, value_loss
 
@@ -23,6 +23,20 @@ class RLTrainer:
         self.guard = NonFiniteGuard(cfg.max_bad_steps, "step3_rlhf")
 
     # ------------------------------------------------------------------ experience
+    def reuses_policy_forward(self, n_rows, sample=True) -> bool:
+        """Whether the experience-time actor forward can also be the first update's forward.
+
+        With one PPO epoch, one generation batch and a batch that is exactly one micro-batch, the old
+        log-probs are taken with the very weights the first (and only) update starts from, so computing them
+        once with the autograd graph kept gives the same numbers as the two forwards of the straightforward
+        path (ratio exactly 1) for one forward less. Not with dropout (old log-probs are taken without it),
+        DeepSpeed's hybrid engine (inference kernels in eval mode) or ZeRO-3 (parameters re-partitioned
+        between the phases); --no-reuse_policy_forward turns it off."""
+        cfg = self.cfg
+        return (sample and getattr(cfg, "reuse_policy_forward", True) and cfg.ppo_epochs == 1
+                and cfg.generation_batches == 1 and n_rows == cfg.per_device_training_batch_size
+                and not cfg.actor_dropout and not self.e.use_hybrid and cfg.actor_zero_stage < 3)
+
     @torch.no_grad()
     def make_experience(self, batch, sample=True) -> Experience:
         cfg, dev = self.cfg, self.ctx.device
@@ -34,64 +48,83 @@ class RLTrainer:
             prompts = [p for p in prompts for _ in range(g)]
             metas = [m for m in metas for _ in range(g)]
         with self.log.timer("time/generation"):
-            seq, action_mask = generate(self.e.actor, ids, mask, cfg, self.tok, self.synced, self.e.use_hybrid)
+            seq, action_mask = generate(self.e.actor, ids, mask, cfg, self.tok, self.synced, self.e.use_hybrid,
+                                        group_size=g)
         with self.log.timer("time/experience"):
             P, R = ids.shape[1], seq.shape[1] - ids.shape[1]
             attn = torch.cat([mask, action_mask.long()], 1)
-            self.e.actor.eval()
-            logp = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0)
+            rows = cfg.per_device_training_batch_size  # forward-only passes: this many rows at a time
+            graph = None
+            if self.reuses_policy_forward(seq.shape[0], sample):
+                self.e.actor.train()
+                with torch.enable_grad():
+                    graph = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0, with_entropy=True)
+                logp = graph[0].detach()
+            else:
+                self.e.actor.eval()
+                logp = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0, row_chunk=rows)
             ref_logp = None
             with ReferenceScope(self.e) as ref:
                 if ref is not None:
-                    ref_logp = response_logprobs(ref, seq, attn, R, cfg.temperature or 1.0)
+                    ref_logp = response_logprobs(ref, seq, attn, R, cfg.temperature or 1.0, row_chunk=rows)
             values = None
             if self.e.critic is not None:
                 self.e.critic.eval()
-                values = response_values(self.e.critic, seq, attn, R) * action_mask
+                values = response_values(self.e.critic, seq, attn, R, row_chunk=rows) * action_mask
             responses = self.tok.batch_decode(seq[:, P:].masked_fill(action_mask == 0, self.tok.pad_token_id),
                                               skip_special_tokens=True)
-            scores, components = self.e.reward_fn(seq, attn, prompts, responses, metas)
+            chunked = {"row_chunk": rows} if isinstance(self.e.reward_fn, RewardFunction) else {}
+            scores, components = self.e.reward_fn(seq, attn, prompts, responses, metas, **chunked)
             exp = Experience(seq, attn, action_mask, P, logp, ref_logp, values, scores.to(dev),
-                             responses=responses, prompts=prompts, components=components)
-            compute_advantages(exp, self.cfg)
+                             responses=responses, prompts=prompts, components=components, policy_graph=graph)
+            compute_advantages(exp, self.cfg, group_size=g)
         return exp
 
     # ------------------------------------------------------------------ updates
     def train_on(self, experiences: list[Experience], step: int) -> dict:
+        """`ppo_epochs` passes over the experiences in micro-batches. Per micro-batch the actor is updated,
+        then the critic: one model's autograd graph is alive at a time (half the activation memory of
+        building both first). A non-finite policy loss skips the micro-batch; a non-finite value loss skips
+        the critic's update; either counts as one bad update for --max_bad_steps."""
         cfg, stats = self.cfg, {}
         add = lambda k, v: stats.setdefault(k, []).append(float(v.detach() if torch.is_tensor(v) else v))  # noqa: E731
         self.e.actor.train()
         if self.e.critic is not None:
             self.e.critic.train()
-        for _ in range(cfg.ppo_epochs):
+        for epoch in range(cfg.ppo_epochs):
             for exp in experiences:
                 n = exp.sequences.shape[0]
                 for start in range(0, n, cfg.per_device_training_batch_size):
                     mb = exp.rows(slice(start, start + cfg.per_device_training_batch_size))
                     R = mb.action_mask.shape[1]
-                    logp, ent = response_logprobs(self.e.actor, mb.sequences, mb.attention_mask, R,
-                                                  cfg.temperature or 1.0, with_entropy=True)
+                    graph, exp.policy_graph = exp.policy_graph, None  # valid for the first update only
+                    if graph is not None and epoch == 0 and start == 0 and exp is experiences[0] \
+                            and n <= cfg.per_device_training_batch_size:
+                        logp, ent = graph
+                    else:
+                        logp, ent = response_logprobs(self.e.actor, mb.sequences, mb.attention_mask, R,
+                                                      cfg.temperature or 1.0, with_entropy=True)
+                    del graph
                     loss, st = policy_loss(mb, logp, cfg)
-                    terms = {"policy loss": loss.detach()}
-                    vloss = None
-                    if self.e.critic is not None:
-                        values = response_values(self.e.critic, mb.sequences, mb.attention_mask, R)
-                        vloss, vclip = value_loss(values, mb.values, mb.returns, mb.action_mask, cfg.cliprange_value)
-                        terms["value loss"] = vloss.detach()
-                    if not self.guard.check(step, terms):
+                    if not self.guard.check(step, {"policy loss": loss.detach()}, reset=self.e.critic is None):
                         continue
                     self.e.actor.backward(loss)
                     self.e.actor.step()
+                    del logp
                     add("loss/policy", loss)
                     add("clipfrac/policy", st.get("clipfrac", 0.0))
                     add("entropy", masked_mean(ent, mb.action_mask))
                     if "approx_kl" in st:
                         add("kl/approx_old_new", st["approx_kl"])
-                    if vloss is not None:
-                        self.e.critic.backward(vloss)
-                        self.e.critic.step()
-                        add("loss/value", vloss)
-                        add("clipfrac/value", vclip)
+                    if self.e.critic is not None:
+                        values = response_values(self.e.critic, mb.sequences, mb.attention_mask, R)
+                        vloss, vclip = value_loss(values, mb.values, mb.returns, mb.action_mask, cfg.cliprange_value)
+                        if self.guard.check(step, {"policy loss": loss.detach(), "value loss": vloss.detach()}):
+                            self.e.critic.backward(vloss)
+                            self.e.critic.step()
+                            add("loss/value", vloss)
+                            add("clipfrac/value", vclip)
+                        del values, vloss
                     if self.ptx is not None:
                         add("loss/ptx", self._ptx_step())
                     if self.ema is not None:

@@ -1,0 +1,158 @@
+"""Step-1 warm-start data for the R1-Zero tasks: prompts with worked solutions in the think/answer format.
+
+A small model never writes `<think> ... </think> <answer> ... </answer>` on its own, so a rule reward
+gives it nothing to learn from (every sample scores 0). The classic pipeline's answer is a short SFT
+first. This writes that SFT set:
+
+* Countdown: the project's solver (`rewards.countdown.solution_text`) writes each solution, spelling
+  out the intermediate operations in the think part;
+* GSM8K: the data set's own worked solution (calculator notes `<<a*b=c>>` removed) is the think part,
+  the number after `####` the answer.
+
+Rows use the SFT-only layout the data layer reads (`{"prompt": [messages], "response": text}`, see
+utils/data/formats.map_generic), with the SAME system/user messages `--task countdown|gsm8k` puts in
+front of the policy in step 3. Step 1 renders them with the chat template, the step-3 prompt is that
+same rendering followed by "<think>", and every response here starts with "<think>": so the tokens of
+a step-3 prompt are exactly the first tokens of a step-1 sequence (`rendering_matches` checks it), and
+SFT teaches precisely the text the step-3 rewards score. Only the chat style can be written this way
+(step 1 has no raw-text prompt layout).
+
+    python step3_rlhf/warm_start.py --task countdown --data_path generate --n 2000 --out warm.jsonl \\
+        --tokenizer smollm2-135m-instruct
+    python step1_sft/main.py --data_path warm.jsonl --data_split 1,0,0 ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+if __package__ in (None, ""):  # `python step3_rlhf/warm_start.py` from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from step3_rlhf.rewards.countdown import generate_tasks, solution_text  # noqa: E402
+from step3_rlhf.rewards.gsm8k import extract_reference  # noqa: E402
+from step3_rlhf.rewards.prompts import (THINK_OPEN, TaskPrompt, countdown_prompt, gsm8k_prompt, load_countdown_jsonl,  # noqa: E402
+                                        load_gsm8k_jsonl)
+
+_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+
+
+def sft_row(task_prompt: TaskPrompt, reply: str) -> dict:
+    """One SFT-only row: the task's chat messages and the reply (which starts with the think tag)."""
+    if task_prompt.messages is None:
+        raise ValueError("a warm start needs --prompt_style chat: step 1 renders prompts with the chat template, "
+                         "so the base-model text prompt of step 3 cannot be reproduced there")
+    if not reply.startswith(task_prompt.assistant_prefix):
+        raise ValueError(f"the reply must start with {task_prompt.assistant_prefix!r} (the end of the step-3 prompt)")
+    return {"prompt": [dict(m) for m in task_prompt.messages], "response": reply}
+
+
+def countdown_rows(tasks: list[dict], style: str = "chat") -> list[dict]:
+    """Rows for Countdown tasks `{target, nums}`; unsolvable tasks are left out."""
+    rows = []
+    for task in tasks:
+        try:
+            reply = solution_text(task["nums"], task["target"], include_think_open=True)
+        except ValueError:
+            continue
+        rows.append(sft_row(countdown_prompt(task, style=style), reply))
+    return rows
+
+
+def gsm8k_solution(answer_field: str) -> str:
+    """`<think> worked solution </think> <answer>N</answer>` from a GSM8K answer field."""
+    reference = extract_reference(answer_field)
+    work = _CALCULATOR_NOTE.sub("", answer_field.rsplit("####", 1)[0]).strip()
+    return f"<think> {work} </think> <answer>{reference}</answer>"
+
+
+def gsm8k_rows(items: list[dict], style: str = "chat") -> list[dict]:
+    """Rows for GSM8K items `{question, answer}` (answer with its `#### N` line)."""
+    return [sft_row(gsm8k_prompt(r["question"], style=style, reference=r["answer"]), gsm8k_solution(r["answer"]))
+            for r in items]
+
+
+def rendering_matches(tokenizer, task_prompt: TaskPrompt, row: dict) -> bool:
+    """True when the step-3 prompt tokens are exactly the first tokens of the step-1 sequence of `row`.
+
+    Step 1 tokenises prompt and response separately (utils/data/datasets.py); step 3 tokenises the
+    rendered prompt text (step3_rlhf/prompt_data.py). Both paths are called here, not re-implemented."""
+    from step3_rlhf.prompt_data import _tokenize_task
+    from utils.data.datasets import tokenize_prompt, tokenize_response
+    rl_ids = _tokenize_task(tokenizer, task_prompt, max_len=10 ** 9)["prompt_input_ids"]
+    sft_ids = tokenize_prompt(tokenizer, row["prompt"]) + tokenize_response(tokenizer, row["response"])
+    return list(sft_ids[:len(rl_ids)]) == list(rl_ids)
+
+
+def build_rows(task: str, data_path: str, n: int = 0, seed: int = 1234, num_count: int = 0,
+               style: str = "chat") -> list[dict]:
+    """Read (or generate) tasks and return at most `n` warm-start rows (0 = all).
+
+    `num_count` keeps only Countdown tasks with that many numbers (0 = any)."""
+    if task == "countdown":
+        if data_path in ("generate", "synthetic"):
+            counts = (num_count, num_count) if num_count else (3, 4)
+            tasks = generate_tasks(n or 2000, seed, num_count=counts)
+        else:
+            tasks = [t for t in load_countdown_jsonl(data_path) if not num_count or len(t["nums"]) == num_count]
+        rows = countdown_rows(tasks[:n] if n else tasks, style)
+    elif task == "gsm8k":
+        items = load_gsm8k_jsonl(data_path)
+        rows = gsm8k_rows(items[:n] if n else items, style)
+    else:
+        raise ValueError(f"unknown task {task!r}; expected countdown or gsm8k")
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=["countdown", "gsm8k"], default="countdown")
+    p.add_argument("--data_path", default="generate",
+                   help="A JSONL of tasks ({target, nums} or {question, answer}); 'generate' for built-in Countdown.")
+    p.add_argument("--out", required=True, help="Output JSONL (prompt/response rows for step 1).")
+    p.add_argument("--n", type=int, default=0, help="Rows to write (0 = every task; 2000 when generating).")
+    p.add_argument("--num_count", type=int, default=0, help="Countdown: only tasks with this many numbers (0 = any).")
+    p.add_argument("--seed", type=int, default=1234, help="Seed of the built-in Countdown generator.")
+    p.add_argument("--prompt_style", choices=["chat"], default="chat",
+                   help="Must match step 3's --prompt_style (only chat can be rendered by step 1).")
+    p.add_argument("--tokenizer", default="",
+                   help="Check that step 1 and step 3 render the first row to the same prompt tokens.")
+    args = p.parse_args(argv)
+    try:
+        rows = build_rows(args.task, args.data_path, args.n, args.seed, args.num_count, args.prompt_style)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not rows:
+        print("error: no rows (no solvable task matched)", file=sys.stderr)
+        return 2
+    if args.tokenizer:
+        from utils.models import load_tokenizer
+        tok = load_tokenizer(args.tokenizer)
+        first = rows[0]
+        prompt = TaskPrompt(messages=first["prompt"], text=None, assistant_prefix=THINK_OPEN)
+        if not rendering_matches(tok, prompt, first):
+            print("error: step 1 and step 3 tokenise this prompt differently; the warm start would teach a "
+                  "different prompt than the one step 3 uses", file=sys.stderr)
+            return 2
+        print(f"[warm_start] step-1 and step-3 prompt tokens agree for {args.tokenizer}", file=sys.stderr)
+    write_jsonl(rows, args.out)
+    print(f"[warm_start] wrote {len(rows)} {args.task} rows to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

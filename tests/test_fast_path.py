@@ -1,0 +1,233 @@
+"""Equal learning: every speed lever of step 3 gives what the straightforward path gives (issue "Speed and memory").
+
+- our decode loop (step3_rlhf/generation.py) picks generate()'s tokens: greedy and, with the same seed,
+  sampled (T=1 and T/top-k/top-p), on tiny Llama and OPT with left padding, EOS and min_new_tokens;
+- a GRPO group's prompt run once and its KV cache shared gives the tokens of G separate prefills;
+- the log-probs the loop reports equal response_logprobs of a full forward;
+- one PPO update with the experience-time actor forward reused as the update's forward gives the losses
+  and the weights of the two-forward path; a GRPO step with shared prefixes gives its losses too;
+- the fallbacks (ZeRO-3 parameters, several processes, hybrid engine, unknown families) keep generate().
+"""
+import functools
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from step3_rlhf.config import RLHFConfig
+from step3_rlhf.engines import build_engines
+from step3_rlhf.experience import response_logprobs
+from step3_rlhf.generation import fast_decode_ok, sample
+from step3_rlhf.prompt_data import collate_prompts, load_prompts
+from step3_rlhf.trainer import RLTrainer
+from utils.data.synthetic import make_synthetic_preferences, write_jsonl
+from utils.models import load_tokenizer, load_value_model, unwrap
+from utils.options import parse_config
+from utils.stage import start_stage
+
+
+def _model(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _prompts(tok, n=4, width=12, seed=0):
+    """Left-padded random prompts: row 0 has 5 pads, row 2 has 3, the others none."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, len(tok), (n, width), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2 % n, :3] = 0
+    return ids.masked_fill(mask == 0, tok.pad_token_id), mask
+
+
+def _hf(model, tok, ids, mask, **kw):
+    out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=tok.pad_token_id,
+                         eos_token_id=[tok.eos_token_id], **kw)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("static", [False, True])
+def test_greedy_decode_matches_generate(arch, static, tiny_model_dir, tiny_opt_dir):
+    path = tiny_model_dir if arch == "llama" else tiny_opt_dir
+    model, tok = _model(path), AutoTokenizer.from_pretrained(path)
+    ids, mask = _prompts(tok)
+    with torch.no_grad():
+        want = _hf(model, tok, ids, mask, max_new_tokens=20, do_sample=False)
+    got = sample(model, ids, mask, max_new_tokens=20, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
+                 temperature=0, static_cache=static)
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("warp", [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)])
+def test_sampled_decode_matches_generate_with_the_same_seed(warp, tiny_model_dir):
+    model, tok = _model(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids, mask = _prompts(tok, n=6)
+    eos = tok.eos_token_id
+    # min_new_tokens 4: EOS is forbidden for the first 4 tokens in both (the logits processor / our index_fill)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        want = _hf(model, tok, ids, mask, max_new_tokens=16, min_new_tokens=4, do_sample=True,
+                   top_k=warp.get("top_k"), top_p=warp.get("top_p"), temperature=warp["temperature"])
+    torch.manual_seed(11)
+    got = sample(model, ids, mask, max_new_tokens=16, min_new_tokens=4, eos_ids=[eos], pad_id=tok.pad_token_id,
+                 temperature=warp["temperature"], top_k=warp.get("top_k", 0), top_p=warp.get("top_p", 1.0))
+    assert torch.equal(got, want)
+    assert not (got[:, :4] == eos).any()
+
+
+def test_eos_ends_a_row_and_pads_after(tiny_model_dir):
+    """Declare as EOS a token that sampling emits mid-answer: with the same seed that row ends there and then
+    emits pad, in generate() and in our loop alike."""
+    model, tok = _model(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids, mask = _prompts(tok)
+    kw = dict(max_new_tokens=10, pad_id=tok.pad_token_id, temperature=1.0)
+    torch.manual_seed(2)
+    free = sample(model, ids, mask, eos_ids=[tok.eos_token_id], **kw)
+    # the first (row, position >= 3) whose token did not occur earlier in its row: that row must end there
+    r, pos = next((r, p) for r in range(free.shape[0]) for p in range(3, 9) if free[r, p] not in free[r, :p])
+    eos = int(free[r, pos])
+    torch.manual_seed(2)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=tok.pad_token_id, eos_token_id=[eos],
+                              max_new_tokens=10, do_sample=True, top_k=None, top_p=None)[:, ids.shape[1]:]
+    torch.manual_seed(2)
+    got = sample(model, ids, mask, eos_ids=[eos], **kw)
+    assert torch.equal(got, want)
+    row = got[r].tolist()
+    assert row.index(eos) == pos and all(t == tok.pad_token_id for t in row[pos + 1:])  # EOS kept, pad after
+    assert torch.equal(got[r, :pos], free[r, :pos])
+
+
+def test_group_shared_prefix_gives_the_tokens_of_separate_prefills(tiny_model_dir):
+    model, tok = _model(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids, mask = _prompts(tok, n=3)
+    g = 4  # group-major: rows 0..3 are prompt 0, rows 4..7 prompt 1, rows 8..11 prompt 2
+    ids, mask = ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)
+    kw = dict(max_new_tokens=12, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    separate = sample(model, ids, mask, temperature=0, **kw)
+    shared = sample(model, ids, mask, temperature=0, group_size=g, **kw)
+    assert torch.equal(shared, separate)
+    torch.manual_seed(3)
+    separate = sample(model, ids, mask, temperature=1.0, **kw)
+    torch.manual_seed(3)
+    shared = sample(model, ids, mask, temperature=1.0, group_size=g, **kw)
+    assert torch.equal(shared, separate)
+    assert not torch.equal(shared[0], shared[1])  # samples of one group differ (the test is not trivial)
+    # rows that are not copies of one prompt: the loop sees it and prefills every row
+    mixed = sample(model, ids.flip(0), mask.flip(0), temperature=0, group_size=5, **kw)
+    assert torch.equal(mixed, sample(model, ids.flip(0), mask.flip(0), temperature=0, **kw))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_decode_logprobs_equal_a_full_forward(arch, tiny_model_dir, tiny_opt_dir):
+    path = tiny_model_dir if arch == "llama" else tiny_opt_dir
+    model, tok = _model(path), AutoTokenizer.from_pretrained(path)
+    ids, mask = _prompts(tok)
+    torch.manual_seed(5)
+    resp, logp = sample(model, ids, mask, max_new_tokens=10, min_new_tokens=10, eos_ids=[tok.eos_token_id],
+                        pad_id=tok.pad_token_id, temperature=0.8, return_logprobs=True)
+    seq = torch.cat([ids, resp], 1)
+    attn = torch.cat([mask, torch.ones_like(resp)], 1)
+    with torch.no_grad():
+        full = response_logprobs(model, seq, attn, resp.shape[1], temperature=0.8)
+    # the same log p(token) computed two ways (one token at a time with a cache vs all at once): equal to
+    # float32 rounding; a real log-prob here is around log(1 / vocab) ~ -4.6, so 1e-5 is 7 significant digits
+    assert logp.shape == full.shape and (logp - full).abs().max() < 1e-5
+    assert logp.min() < -1.0
+
+
+def test_fallbacks_keep_generate(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    assert fast_decode_ok(model)
+    assert not fast_decode_ok(model, synced_gpus=True)  # several processes under ZeRO-3
+    assert not fast_decode_ok(model, use_hybrid=True)   # DeepSpeed's hybrid engine generates
+    p = next(model.parameters())
+    p.ds_id = 0  # what ZeRO-3 puts on a partitioned parameter
+    assert not fast_decode_ok(model)
+    del p.ds_id
+    model.config.model_type = "some_new_family"
+    assert not fast_decode_ok(model)
+
+
+# ----------------------------------------------------------------------------- whole updates, both paths
+@pytest.fixture(scope="module")
+def rl_setup(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast_rl")
+    data = str(root / "pref.jsonl")
+    write_jsonl(make_synthetic_preferences(64, seed=3), data)
+    torch.manual_seed(0)
+    load_value_model(tiny_model_dir, head_init_std=1.0).save_pretrained(str(root / "rm"))
+    load_tokenizer(tiny_model_dir).save_pretrained(str(root / "rm"))
+    return tiny_model_dir, str(root / "rm"), data, root
+
+
+def _trainer(rl_setup, name, *extra, **cfg_overrides):
+    actor, rm, data, root = rl_setup
+    argv = ["--actor_model_name_or_path", actor, "--critic_model_name_or_path", rm, "--data_path", data,
+            "--data_split", "0,0,1", "--output_dir", str(root / name), "--max_prompt_seq_len", "24",
+            "--max_answer_seq_len", "8", "--dtype", "fp32", "--threads", "1", "--disable_progress_bar",
+            "--no_resume", "--actor_learning_rate", "1e-2", "--critic_learning_rate", "1e-2", *extra]
+    cfg = parse_config(RLHFConfig, argv)
+    for k, v in cfg_overrides.items():
+        setattr(cfg, k, v)
+    ctx = start_stage(cfg, "step3_rlhf")
+    tok = load_tokenizer(actor)
+    items, _ = load_prompts(cfg, tok, ctx.log)
+    engines = build_engines(cfg, ctx, 10, ctx.log)
+    return RLTrainer(cfg, engines, tok, ctx, functools.partial(collate_prompts, pad_id=tok.pad_token_id)), items
+
+
+def _one_step(trainer, items, n):
+    torch.manual_seed(7)  # same samples on both paths
+    exp = trainer.make_experience(trainer.collate(items[:n]))
+    stats = trainer.train_on([exp], step=1)
+    weights = {k: v.detach().clone() for k, v in unwrap(trainer.e.actor).state_dict().items()}
+    return exp, stats, weights
+
+
+def test_ppo_update_reusing_the_experience_forward_equals_two_forwards(rl_setup):
+    batch = ["--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4"]
+    fast, items = _trainer(rl_setup, "fast", *batch)
+    slow, _ = _trainer(rl_setup, "slow", *batch, reuse_policy_forward=False)
+    assert fast.reuses_policy_forward(4) and not slow.reuses_policy_forward(4)
+    before = {k: v.detach().clone() for k, v in unwrap(fast.e.actor).state_dict().items()}
+    exp_f, st_f, w_f = _one_step(fast, items, 4)
+    exp_s, st_s, w_s = _one_step(slow, items, 4)
+    assert torch.equal(exp_f.sequences, exp_s.sequences)
+    # actor == reference at step 1: the reused (grad-enabled) forward still gives KL exactly 0
+    assert torch.equal(exp_f.logprobs * exp_f.action_mask, exp_f.ref_logprobs * exp_f.action_mask)
+    assert torch.allclose(exp_f.logprobs, exp_s.logprobs, atol=1e-6)
+    assert torch.allclose(exp_f.advantages, exp_s.advantages, atol=1e-6)
+    for k in ("loss/policy", "loss/value", "entropy", "clipfrac/policy", "kl/approx_old_new"):
+        assert abs(st_f[k] - st_s[k]) < 1e-6, k
+    assert st_f["loss/policy"] != 0.0  # a real update happened (lr 1e-2): the weights below moved
+    for k in w_f:
+        assert torch.allclose(w_f[k], w_s[k], atol=1e-6), k
+    assert max((w_f[k] - before[k]).abs().max().item() for k in w_f) > 1e-4
+
+
+def test_reuse_is_off_where_it_would_change_the_update(rl_setup):
+    trainer, _ = _trainer(rl_setup, "cond", "--per_device_generation_batch_size", "4",
+                          "--per_device_training_batch_size", "2")
+    assert not trainer.reuses_policy_forward(4)     # two micro-batches: the second sees updated weights
+    trainer.cfg.per_device_training_batch_size = 4
+    assert trainer.reuses_policy_forward(4)
+    assert not trainer.reuses_policy_forward(4, sample=False)  # evaluation batches are never trained on
+    trainer.cfg.ppo_epochs = 2
+    assert not trainer.reuses_policy_forward(4)     # the second epoch needs the first epoch's old log-probs
+
+
+def test_grpo_step_with_shared_prefixes_equals_separate_prefills(rl_setup, monkeypatch):
+    import step3_rlhf.generation as generation
+    grpo = ["--algo", "grpo", "--num_generations", "4", "--per_device_generation_batch_size", "2",
+            "--per_device_training_batch_size", "4"]
+    shared, items = _trainer(rl_setup, "grpo_shared", *grpo)
+    _, st_shared, w_shared = _one_step(shared, items, 2)
+    real_sample = generation.sample
+    monkeypatch.setattr(generation, "sample", lambda *a, **kw: real_sample(*a, **{**kw, "group_size": 1}))
+    separate, _ = _trainer(rl_setup, "grpo_separate", *grpo)
+    _, st_sep, w_sep = _one_step(separate, items, 2)
+    for k in ("loss/policy", "entropy"):
+        assert abs(st_shared[k] - st_sep[k]) < 1e-6, k
+    assert all(torch.allclose(w_shared[k], w_sep[k], atol=1e-6) for k in w_shared)
