@@ -123,11 +123,20 @@ def _by_rows(fn, row_chunk, *tensors):
 
 
 def response_logprobs(model, sequences, attention_mask, n_response, temperature=1.0, with_entropy=False,
-                      row_chunk=None):
+                      row_chunk=None, prompt_len=None, group_size=1):
     """log p of the R response tokens [B, R] (float32), and their entropy with `with_entropy`.
-    `row_chunk`: without autograd, run at most that many rows at a time (same numbers, less memory)."""
+    `row_chunk`: without autograd, run at most that many rows at a time (same numbers, less memory).
+    `prompt_len` + `group_size`: rows come in groups of copies of one prompt (GRPO); each prompt is then run
+    once per group (generation.shared_prefix_logits) where the model allows it."""
+    from step3_rlhf.generation import shared_group, shared_prefix_logits
+
     def one(seq, mask):
-        logits = response_logits(model, seq, mask, n_response, temperature)
+        g = shared_group(model, seq, mask, prompt_len, group_size)
+        if g > 1:
+            logits = shared_prefix_logits(model, seq, mask, prompt_len, n_response, g)
+            logits = logits / temperature if temperature not in (0, 1) else logits
+        else:
+            logits = response_logits(model, seq, mask, n_response, temperature)
         logp = gather_logprobs(logits, seq[:, -n_response:], chunk_size=64)
         if with_entropy:
             return logp, entropy_from_logits(logits.detach(), chunk_size=64)
@@ -148,12 +157,21 @@ class RewardFunction:
         self.reward_engine, self.model_weight, self.rules = reward_engine, model_weight, rules
 
     @torch.no_grad()
-    def __call__(self, sequences, attention_mask, prompts, responses, metas, row_chunk=None):
+    def __call__(self, sequences, attention_mask, prompts, responses, metas, row_chunk=None, prompt_len=None,
+                 group_size=1):
+        """(total [B], components). `row_chunk`, `prompt_len`, `group_size`: as in response_logprobs; the
+        score is the value at the last real token, which is a response token (the first one always is)."""
+        from step3_rlhf.generation import shared_group, shared_prefix_response_values
         total = torch.zeros(sequences.shape[0], device=sequences.device)
         components = {}
         if self.reward_engine is not None:
-            values = _by_rows(self.reward_engine, row_chunk, sequences, attention_mask)
-            score = gather_last(values, attention_mask).float()
+            def one(seq, mask):
+                g = shared_group(self.reward_engine, seq, mask, prompt_len, group_size)
+                if g > 1 and seq.shape[1] > prompt_len:
+                    values = shared_prefix_response_values(self.reward_engine, seq, mask, prompt_len, g)
+                    return gather_last(values, mask[:, prompt_len:])
+                return gather_last(self.reward_engine(seq, mask), mask)
+            score = _by_rows(one, row_chunk, sequences, attention_mask).float()
             components["reward/model"] = score
             total += self.model_weight * score
         if self.rules is not None:

@@ -53,28 +53,30 @@ class RLTrainer:
         with self.log.timer("time/experience"):
             P, R = ids.shape[1], seq.shape[1] - ids.shape[1]
             attn = torch.cat([mask, action_mask.long()], 1)
-            rows = cfg.per_device_training_batch_size  # forward-only passes: this many rows at a time
+            # forward-only passes: a micro-batch of rows at a time, each group's prompt run once (GRPO)
+            shared = dict(row_chunk=cfg.per_device_training_batch_size, prompt_len=P, group_size=g)
             graph = None
             if self.reuses_policy_forward(seq.shape[0], sample):
                 self.e.actor.train()
                 with torch.enable_grad():
-                    graph = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0, with_entropy=True)
+                    graph = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0, with_entropy=True,
+                                              prompt_len=P, group_size=g)
                 logp = graph[0].detach()
             else:
                 self.e.actor.eval()
-                logp = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0, row_chunk=rows)
+                logp = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0, **shared)
             ref_logp = None
             with ReferenceScope(self.e) as ref:
                 if ref is not None:
-                    ref_logp = response_logprobs(ref, seq, attn, R, cfg.temperature or 1.0, row_chunk=rows)
+                    ref_logp = response_logprobs(ref, seq, attn, R, cfg.temperature or 1.0, **shared)
             values = None
             if self.e.critic is not None:
                 self.e.critic.eval()
-                values = response_values(self.e.critic, seq, attn, R, row_chunk=rows) * action_mask
+                values = response_values(self.e.critic, seq, attn, R, row_chunk=shared['row_chunk']) * action_mask
             responses = self.tok.batch_decode(seq[:, P:].masked_fill(action_mask == 0, self.tok.pad_token_id),
                                               skip_special_tokens=True)
-            chunked = {"row_chunk": rows} if isinstance(self.e.reward_fn, RewardFunction) else {}
-            scores, components = self.e.reward_fn(seq, attn, prompts, responses, metas, **chunked)
+            own = isinstance(self.e.reward_fn, RewardFunction)
+            scores, components = self.e.reward_fn(seq, attn, prompts, responses, metas, **(shared if own else {}))
             exp = Experience(seq, attn, action_mask, P, logp, ref_logp, values, scores.to(dev),
                              responses=responses, prompts=prompts, components=components, policy_graph=graph)
             compute_advantages(exp, self.cfg, group_size=g)
@@ -103,7 +105,8 @@ class RLTrainer:
                         logp, ent = graph
                     else:
                         logp, ent = response_logprobs(self.e.actor, mb.sequences, mb.attention_mask, R,
-                                                      cfg.temperature or 1.0, with_entropy=True)
+                                                      cfg.temperature or 1.0, with_entropy=True,
+                                                      prompt_len=mb.prompt_len, group_size=cfg.num_generations)
                     del graph
                     loss, st = policy_loss(mb, logp, cfg)
                     if not self.guard.check(step, {"policy loss": loss.detach()}, reset=self.e.critic is None):

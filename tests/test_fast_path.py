@@ -218,16 +218,52 @@ def test_reuse_is_off_where_it_would_change_the_update(rl_setup):
     assert not trainer.reuses_policy_forward(4)     # the second epoch needs the first epoch's old log-probs
 
 
-def test_grpo_step_with_shared_prefixes_equals_separate_prefills(rl_setup, monkeypatch):
+def test_grpo_step_with_shared_prefixes_equals_the_straightforward_step(rl_setup, monkeypatch):
     import step3_rlhf.generation as generation
     grpo = ["--algo", "grpo", "--num_generations", "4", "--per_device_generation_batch_size", "2",
             "--per_device_training_batch_size", "4"]
     shared, items = _trainer(rl_setup, "grpo_shared", *grpo)
-    _, st_shared, w_shared = _one_step(shared, items, 2)
+    exp_sh, st_shared, w_shared = _one_step(shared, items, 2)
+    # the straightforward step: every prompt prefilled per row, every forward over whole rows
     real_sample = generation.sample
     monkeypatch.setattr(generation, "sample", lambda *a, **kw: real_sample(*a, **{**kw, "group_size": 1}))
+    monkeypatch.setattr(generation, "shared_group", lambda *a, **kw: 1)
     separate, _ = _trainer(rl_setup, "grpo_separate", *grpo)
-    _, st_sep, w_sep = _one_step(separate, items, 2)
-    for k in ("loss/policy", "entropy"):
-        assert abs(st_shared[k] - st_sep[k]) < 1e-6, k
-    assert all(torch.allclose(w_shared[k], w_sep[k], atol=1e-6) for k in w_shared)
+    exp_sep, st_sep, w_sep = _one_step(separate, items, 2)
+    assert torch.equal(exp_sh.sequences, exp_sep.sequences)
+    for name in ("logprobs", "ref_logprobs", "scores", "advantages"):
+        a, b = getattr(exp_sh, name), getattr(exp_sep, name)
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert exp_sh.advantages.abs().max() > 0.1  # the group's samples differ, so the update is not a no-op
+    for k in ("loss/policy", "entropy", "kl/approx_old_new"):
+        assert abs(st_shared[k] - st_sep[k]) < 1e-5, k
+    assert all(torch.allclose(w_shared[k], w_sep[k], atol=1e-5) for k in w_shared)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_shared_prefix_forward_and_its_gradient_equal_full_rows(arch, tiny_model_dir, tiny_opt_dir):
+    from step3_rlhf.experience import response_logits
+    from step3_rlhf.generation import shared_group, shared_prefix_logits
+    path = tiny_model_dir if arch == "llama" else tiny_opt_dir
+    model, tok = _model(path), AutoTokenizer.from_pretrained(path)
+    ids, mask = _prompts(tok, n=2)
+    g, R = 3, 6
+    ids, mask = ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)
+    resp = torch.randint(6, len(tok), (ids.shape[0], R), generator=torch.Generator().manual_seed(1))
+    seq, attn = torch.cat([ids, resp], 1), torch.cat([mask, torch.ones_like(resp)], 1)
+    attn[1, -2:] = 0  # a response that ended early
+    assert shared_group(model, seq, attn, ids.shape[1], g) == g
+    mixed = torch.tensor([0, 3, 1, 4, 2, 5])  # prompts alternate: no run of 3 (or 2) copies
+    assert shared_group(model, seq[mixed], attn[mixed], ids.shape[1], g) == 1
+    grads = []
+    for shared in (True, False):
+        model.zero_grad()
+        logits = shared_prefix_logits(model, seq, attn, ids.shape[1], R, g) if shared else \
+            response_logits(model, seq, attn, R)
+        (logits.float().logsumexp(-1) * attn[:, -R:]).sum().backward()
+        grads.append(({k: p.grad.clone() for k, p in model.named_parameters()}, logits.detach()))
+    (g_sh, l_sh), (g_full, l_full) = grads
+    assert torch.allclose(l_sh, l_full, atol=1e-5)
+    # the prompt ran once for 3 rows, and autograd sums the 3 rows' gradients through the copied cache
+    for k in g_full:
+        assert torch.allclose(g_sh[k], g_full[k], atol=1e-5, rtol=1e-4), k
