@@ -135,7 +135,7 @@ def main(argv=None):
                                 total_steps=total, warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type,
                                 micro_batch=cfg.per_device_train_batch_size, grad_accum=cfg.gradient_accumulation_steps,
                                 world_size=ctx.world_size, zero_stage=cfg.zero_stage, offload=cfg.offload,
-                                dtype=ctx.dtype, grad_clip=cfg.grad_clip,
+                                dtype=ctx.dtype, grad_clip=cfg.grad_clip, bf16_optimizer=cfg.bf16_optimizer,
                                 lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
     eval_clock = {"seconds": 0.0, "scores": []}
 
@@ -147,6 +147,7 @@ def main(argv=None):
         return eval_metrics(eval_clock["scores"])
 
     before = ev() if cfg.compare_before else {}
+    ctx.log.scalars(before, 0)  # the report then shows before -> after, as for step 1
     eval_clock["seconds"] = 0.0
     ctx.log.info(f"{len(train_set)} training / {len(eval_set)} eval pairs, {total} optimizer steps")
 

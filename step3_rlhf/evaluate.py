@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from utils.data.templates import last_user_message
+
 
 @torch.no_grad()
 def evaluate_policy(trainer, items, batch_size, seed):
@@ -39,7 +41,7 @@ def before_after_table(before, after, n_examples=3, width=60):
         lines.append(f"{'mean KL to reference':24}{before.get('kl_mean', 0.0):>16.4f}{after['kl_mean']:>16.4f}")
     lines.append(f"({after['n']} held-out prompts neither model trained on)")
     for b, a in list(zip(before["samples"], after["samples"]))[:n_examples]:
-        lines += ["", f"prompt : {cut(b['prompt'])}",
+        lines += ["", f"prompt : {cut(last_user_message(b['prompt']))}",
                   f"before : {cut(b['response'])}  [reward {b['score']:.3f}]",
                   f"after  : {cut(a['response'])}  [reward {a['score']:.3f}]"]
     return "\n".join(lines)

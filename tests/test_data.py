@@ -475,3 +475,16 @@ def test_synthetic_deterministic_unique_and_correct(tmp_path):
     report = read_rows(str(out))
     assert [(r.prompt, r.chosen, r.rejected) for r in report.rows] == \
         [(r.prompt, r.chosen, r.rejected) for r in rows[:50]]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n<|im_start|>user\nfirst?"
+     "<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n<|im_start|>user\nHow do I bake bread?<|im_end|>\n"
+     "<|im_start|>assistant\n", "How do I bake bread?"),
+    ("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: What is 2+2?\n\nAssistant:", "What is 2+2?"),
+    ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nName a fruit. [/INST]", "Name a fruit."),
+    ("plain text with no turns", "plain text with no turns"),
+])
+def test_last_user_message_shows_the_question_not_the_system_prompt(text, expected):
+    from utils.data.templates import last_user_message
+    assert last_user_message(text) == expected

@@ -6,6 +6,7 @@ multi-process runs. The command that works without a GPU:
 (on CPU DeepSpeed's accelerator reports one device, but --num_gpus N simply asks for N local slots;
 CUDA_VISIBLE_DEVICES is set to 0..N-1 for the children and is harmless without CUDA).
 """
+import glob
 import json
 import os
 import shutil
@@ -33,9 +34,12 @@ def free_port():
 def launch(script, args, env_extra=None, nproc=2, timeout=300):
     """Run `deepspeed --num_gpus nproc script args` from the repo root; returns the CompletedProcess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
-    cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), script, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce keeps a 69 MB /dev/shm buffer per rank; a run must not leave them behind
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), "shared-memory buffers leaked"
     return proc
 
 

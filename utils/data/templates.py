@@ -77,3 +77,24 @@ def template_id(tokenizer) -> str:
     if uses_chat_template(tokenizer):
         return "chat:" + hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()[:16]
     return "hh-text"
+
+
+# Markers that open a user turn / close it, for the common chat layouts (ChatML, Llama-2/3, Gemma, hh text).
+_USER_TURNS = (("<|im_start|>user", "<|im_end|>"), ("<|start_header_id|>user<|end_header_id|>", "<|eot_id|>"),
+               ("<start_of_turn>user", "<end_of_turn>"), ("[INST]", "[/INST]"), ("Human:", "Assistant:"))
+
+
+def last_user_message(prompt_text: str) -> str:
+    """The last user turn of a rendered prompt (what a person asked), for tables and logs; the whole text
+    when no known layout matches. A Llama-2 <<SYS>> block inside the turn is dropped."""
+    for opener, closer in _USER_TURNS:
+        start = prompt_text.rfind(opener)
+        if start < 0:
+            continue
+        body = prompt_text[start + len(opener):]
+        end = body.find(closer)
+        body = body[:end] if end >= 0 else body
+        if "<</SYS>>" in body:
+            body = body.split("<</SYS>>", 1)[1]
+        return body.strip()
+    return prompt_text.strip()

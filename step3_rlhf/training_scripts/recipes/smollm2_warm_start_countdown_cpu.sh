@@ -7,7 +7,7 @@
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 DATA=${1:-generate}; MODEL=${2:-smollm2-135m-instruct}; OUTPUT=${3:-./output/recipes/smollm2_warm_start_countdown_cpu}
-SFT_STEPS=${SFT_STEPS:-150}; RL_STEPS=${RL_STEPS:-4}
+SFT_STEPS=${SFT_STEPS:-100}; RL_STEPS=${RL_STEPS:-8}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 mkdir -p "$OUTPUT"
 python "$REPO/step3_rlhf/warm_start.py" --task countdown --data_path "$DATA" --num_count 3 --n 2000 \
@@ -18,7 +18,7 @@ python "$REPO/step1_sft/main.py" --model_name_or_path "$MODEL" --data_path "$OUT
   --dtype auto --no_resume --output_dir "$OUTPUT/step1" 2>&1 | tee "$OUTPUT/step1.log"
 python "$REPO/step3_rlhf/main.py" --actor_model_name_or_path "$OUTPUT/step1" --algo grpo --num_generations 8 \
   --beta 0.001 --task countdown --data_path "$DATA" --reward countdown format=0.5 \
-  --actor_learning_rate 2e-6 --lr_scheduler_type constant --max_steps "$RL_STEPS" \
+  --actor_learning_rate 5e-6 --lr_scheduler_type constant --max_steps "$RL_STEPS" \
   --max_prompt_seq_len 256 --max_answer_seq_len 128 \
   --per_device_generation_batch_size 4 --per_device_training_batch_size 16 \
   --dtype auto --eval_prompts 8 --no_resume --output_dir "$OUTPUT/step3" 2>&1 | tee "$OUTPUT/step3.log"
