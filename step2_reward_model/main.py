@@ -135,7 +135,7 @@ def main(argv=None):
                                 total_steps=total, warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type,
                                 micro_batch=cfg.per_device_train_batch_size, grad_accum=cfg.gradient_accumulation_steps,
                                 world_size=ctx.world_size, zero_stage=cfg.zero_stage, offload=cfg.offload,
-                                dtype=ctx.dtype, grad_clip=cfg.grad_clip, bf16_optimizer=cfg.bf16_optimizer,
+                                dtype=ctx.dtype, grad_clip=cfg.grad_clip,
                                 lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
     eval_clock = {"seconds": 0.0, "scores": []}
 

@@ -43,7 +43,7 @@ def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engine
     micro = cfg.per_device_training_batch_size
     common = dict(world_size=ctx.world_size, dtype=ctx.dtype, total_steps=total_steps,
                   warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type, grad_accum=1,
-                  grad_clip=cfg.grad_clip, micro_batch=micro, bf16_optimizer=cfg.bf16_optimizer)
+                  grad_clip=cfg.grad_clip, micro_batch=micro)
 
     actor = load_causal_lm(cfg.actor_model_name_or_path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
                            dropout=cfg.actor_dropout, gradient_checkpointing=cfg.actor_gradient_checkpointing,

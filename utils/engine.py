@@ -39,32 +39,14 @@ def optimizer_groups(model, lr, weight_decay, lora_lr=None):
     return [g for g in out if g["params"]]
 
 
-def uses_per_param_optimizer(zero_stage, dtype, bf16_optimizer="per_param", enable_hybrid_engine=False) -> bool:
-    """Whether utils.optim.MasterWeightAdamW replaces DeepSpeed's bf16 optimizer (ZeRO 0, bf16, no hybrid
-    engine: the hybrid engine expects DeepSpeed's own mixed-precision setup)."""
-    return bf16_optimizer == "per_param" and zero_stage == 0 and dtype == torch.bfloat16 and not enable_hybrid_engine
-
-
 def build_train_engine(model, *, lr, weight_decay, total_steps, warmup_steps, scheduler, micro_batch, grad_accum,
-                       world_size, zero_stage, offload, dtype, grad_clip, lora_lr=None, bf16_optimizer="per_param",
-                       **ds_extra):
+                       world_size, zero_stage, offload, dtype, grad_clip, lora_lr=None, **ds_extra):
     import deepspeed
     from transformers import get_scheduler
-    per_param = uses_per_param_optimizer(zero_stage, dtype, bf16_optimizer, ds_extra.get("enable_hybrid_engine"))
-    if per_param:  # DeepSpeed's bf16 section is off: cast the parameters (not buffers) as it would
-        for p in model.parameters():
-            if p.is_floating_point() and p.dtype != torch.bfloat16:
-                p.data = p.data.to(torch.bfloat16)
-    groups = optimizer_groups(model, lr, weight_decay, lora_lr)
-    if per_param:  # clipping happens in fp32 inside the optimizer
-        from utils.optim import MasterWeightAdamW
-        optimizer = MasterWeightAdamW(groups, lr=lr, betas=(0.9, 0.95), max_grad_norm=grad_clip)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(optimizer_groups(model, lr, weight_decay, lora_lr), lr=lr, betas=(0.9, 0.95))
     sched = get_scheduler(scheduler, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1))
     config = train_ds_config(micro_batch=micro_batch, grad_accum=grad_accum, world_size=world_size,
-                             zero_stage=zero_stage, offload=offload, dtype=torch.float32 if per_param else dtype,
-                             grad_clip=0.0 if per_param else grad_clip, **ds_extra)
+                             zero_stage=zero_stage, offload=offload, dtype=dtype, grad_clip=grad_clip, **ds_extra)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched, config=config)
     return engine
 

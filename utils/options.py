@@ -60,11 +60,6 @@ class RunOptions:
                                  choices=["linear", "cosine", "constant", "constant_with_warmup"])
     num_warmup_steps: int = opt(0, "Warm-up steps of the schedule.")
     grad_clip: float = opt(1.0, "Gradient-norm clipping (0 = off).")
-    bf16_optimizer: str = opt("per_param", "bf16 at ZeRO stage 0: per_param = our AdamW on fp32 master weights "
-                                           "that converts one gradient to fp32 at a time (same math, ~6 bytes "
-                                           "per trained parameter less peak memory); deepspeed = DeepSpeed's "
-                                           "own bf16 optimizer. ZeRO 1-3 always use DeepSpeed's.",
-                              choices=["per_param", "deepspeed"])
     output_dir: str = opt("output", "Where the final model (HF format) and logs are written.")
     seed: int = opt(1234, "Random seed for data order, splits and init.")
     eval_interval: int = opt(0, "Evaluate every N optimizer steps (0 = only at the end).")
