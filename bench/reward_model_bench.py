@@ -151,13 +151,17 @@ def finish(name, cmd, log_path, scores_path, train_seconds, env=None) -> dict:
     return result
 
 
-def ours_from(out: str) -> dict:
-    """Our result as an earlier run of the same split left it in `out` (scores + step 2's summary.json);
-    its peak RSS was the parent's measurement and is not recoverable, so it is reported as None."""
-    chosen, rejected = scores_of(os.path.join(out, "ours_scores.jsonl"))
+def side_from(side: str, out: str) -> dict:
+    """One side's result as an earlier run of the same split left it in `out`: its per-pair scores, its training
+    seconds and, when that run finished, the wall time and peak RSS its report.json recorded."""
+    chosen, rejected = scores_of(os.path.join(out, f"{side}_scores.jsonl"))
     result = score_summary(chosen, rejected)
-    summary = json.load(open(os.path.join(out, "ours", "summary.json")))
-    result.update(train_seconds=summary["train_seconds"], wall_seconds=None, peak_rss_mib=None, from_run=out)
+    timing = os.path.join(out, "ours", "summary.json") if side == "ours" else os.path.join(out, "trl", "timing.json")
+    earlier = {}
+    if os.path.exists(os.path.join(out, "report.json")):
+        earlier = json.load(open(os.path.join(out, "report.json"))).get(side, {})
+    result.update(train_seconds=json.load(open(timing))["train_seconds"], wall_seconds=earlier.get("wall_seconds"),
+                  peak_rss_mib=earlier.get("peak_rss_mib"), from_run=out)
     result["_correct"] = (np.asarray(chosen) > np.asarray(rejected)).tolist()
     return result
 
@@ -239,6 +243,7 @@ def parse_args(argv=None):
     p.add_argument("--ours_args", default="", help="Extra step-2 flags, e.g. '--learning_rate 2e-5'.")
     p.add_argument("--trl_args", default="", help="Extra RewardConfig fields as JSON, e.g. '{\"warmup_steps\": 5}'.")
     p.add_argument("--ours_from", default="", help="Take our side from an earlier run's --out folder (same split).")
+    p.add_argument("--trl_from", default="", help="Take TRL's side from an earlier run's --out folder (same split).")
     p.add_argument("--skip", choices=["none", "trl", "ours"], default="none", help="Run only one side.")
     p.add_argument("--trl_worker", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -261,17 +266,19 @@ def main(argv=None):
               "batch_size": args.batch_size, "epochs": 1, "dtype": args.dtype, "seed": args.seed,
               "ours_args": args.ours_args, "trl_lr": args.trl_lr, "trl_args": args.trl_args}
     if args.ours_from:  # our side from an earlier run of this split (e.g. when the peer's run had to be redone)
-        report["ours"] = ours_from(args.ours_from)
+        report["ours"] = side_from("ours", args.ours_from)
     elif args.skip != "ours":
         report["ours"] = run_ours(args, split_dir, args.out)
-    if args.skip != "trl":
+    if args.trl_from:
+        report["trl"] = side_from("trl", args.trl_from)
+    elif args.skip != "trl":
         report["trl"] = run_trl(args, split_dir, args.out)
     if "ours" in report and "trl" in report:
         ours, trl = report["ours"], report["trl"]
         report["ratio"] = {"accuracy": round(ours["accuracy"] / max(trl["accuracy"], 1e-9), 3),
                            "train_seconds": round(ours["train_seconds"] / max(trl["train_seconds"], 1e-9), 3),
                            "peak_rss": (round(ours["peak_rss_mib"] / max(trl["peak_rss_mib"], 1e-9), 3)
-                                        if ours["peak_rss_mib"] else None)}
+                                        if ours["peak_rss_mib"] and trl["peak_rss_mib"] else None)}
         report["accuracy_diff_ci95"] = paired_diff_ci(ours["_correct"], trl["_correct"])
     for side in ("ours", "trl"):
         report.get(side, {}).pop("_correct", None)

@@ -17,6 +17,9 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
                                 "length and run this many at a time, each chunk cut to its own longest, so short "
                                 "ones skip the longest one's padding (the loss and its one backward are the same; "
                                 "about 2x faster on CPU for hh-style data). 0 = one padded forward of the batch.")
+    head_learning_rate: float = opt(0.0, "Learning rate of the value head (0 = --learning_rate). With a zero head "
+                                         "(--head_init_std 0) the body gets no gradient until the head has grown; a "
+                                         "larger head rate (e.g. 1e-3) gets it learning sooner.")
     num_frozen_layers: int = opt(0, "Freeze the embeddings and this many of the lowest transformer blocks (backward "
                                     "stops above them: faster steps, fewer trained weights).")
     score_offset: int = opt(0, "Where the score is read: 0 = the last non-pad token (the EOS / end-of-turn token "
@@ -30,6 +33,8 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
 
     def validate(self):
         check_common(self)
+        if self.head_learning_rate < 0:
+            raise ConfigError("--head_learning_rate must be >= 0 (0 = --learning_rate)")
         if self.num_frozen_layers < 0:
             raise ConfigError("--num_frozen_layers must be >= 0")
         if self.forward_chunk < 0:

@@ -18,7 +18,7 @@ from step2_reward_model.config import RewardConfig  # noqa: E402
 from utils.data.pipeline import pair_datasets  # noqa: E402
 from utils.engine import build_train_engine  # noqa: E402
 from utils.losses import gather_last, last_token_index, pairwise_accuracy, pairwise_reward_loss  # noqa: E402
-from utils.models import TokenValues, load_tokenizer, load_value_model, save_hf_model  # noqa: E402
+from utils.models import TokenValues, load_tokenizer, load_value_model, save_hf_model, value_head  # noqa: E402
 from utils.options import ConfigError, parse_config  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
@@ -136,7 +136,9 @@ def main(argv=None):
                                 micro_batch=cfg.per_device_train_batch_size, grad_accum=cfg.gradient_accumulation_steps,
                                 world_size=ctx.world_size, zero_stage=cfg.zero_stage, offload=cfg.offload,
                                 dtype=ctx.dtype, grad_clip=cfg.grad_clip,
-                                lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
+                                lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None,
+                                head_params=list(value_head(model).parameters()),
+                                head_lr=cfg.head_learning_rate or None)
     eval_clock = {"seconds": 0.0, "scores": []}
 
     def ev():

@@ -233,3 +233,17 @@ def test_reward_score_is_the_same_left_or_right_padded(reward_run):
         alone = torch.cat([sequence_scores(model, *pad_sequences([s], tok.pad_token_id)) for s in seqs])
     assert torch.allclose(left, right, atol=1e-5, rtol=0)
     assert torch.allclose(left, alone, atol=1e-5, rtol=0)
+
+
+def test_value_head_gets_its_own_learning_rate(tiny_model_dir):
+    from utils.engine import optimizer_groups
+    from utils.models import load_value_model, value_head
+    model = load_value_model(tiny_model_dir, head_init_std=0.0)
+    head = list(value_head(model).parameters())
+    groups = optimizer_groups(model, 1e-5, 0.1, head_params=head, head_lr=1e-3)
+    head_groups = [g for g in groups if any(p is head[0] for p in g["params"])]
+    assert len(head_groups) == 1 and head_groups[0]["lr"] == 1e-3 and head_groups[0]["weight_decay"] == 0.0
+    assert len(head_groups[0]["params"]) == len(head)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+    plain = optimizer_groups(model, 1e-5, 0.1, head_params=head, head_lr=None)  # no head rate: no head group
+    assert all(g["lr"] == 1e-5 for g in plain)

@@ -21,13 +21,17 @@ import torch
 from utils.ds_config import eval_ds_config, train_ds_config
 
 
-def optimizer_groups(model, lr, weight_decay, lora_lr=None):
-    """AdamW groups: no decay on biases/norms; LoRA weights get their own learning rate."""
-    groups = {"decay": [], "no_decay": [], "lora": []}
+def optimizer_groups(model, lr, weight_decay, lora_lr=None, head_params=(), head_lr=None):
+    """AdamW groups: no decay on biases/norms; LoRA weights and a value head (`head_params`) can get their
+    own learning rates."""
+    groups = {"decay": [], "no_decay": [], "lora": [], "head": []}
+    head_ids = {id(p) for p in head_params} if head_lr else set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if "lora_" in name and lora_lr:
+        if id(p) in head_ids:
+            groups["head"].append(p)
+        elif "lora_" in name and lora_lr:
             groups["lora"].append(p)
         elif p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
             groups["no_decay"].append(p)
@@ -35,15 +39,18 @@ def optimizer_groups(model, lr, weight_decay, lora_lr=None):
             groups["decay"].append(p)
     out = [{"params": groups["decay"], "weight_decay": weight_decay, "lr": lr},
            {"params": groups["no_decay"], "weight_decay": 0.0, "lr": lr},
-           {"params": groups["lora"], "weight_decay": 0.0, "lr": lora_lr or lr}]
+           {"params": groups["lora"], "weight_decay": 0.0, "lr": lora_lr or lr},
+           {"params": groups["head"], "weight_decay": 0.0, "lr": head_lr or lr}]
     return [g for g in out if g["params"]]
 
 
 def build_train_engine(model, *, lr, weight_decay, total_steps, warmup_steps, scheduler, micro_batch, grad_accum,
-                       world_size, zero_stage, offload, dtype, grad_clip, lora_lr=None, **ds_extra):
+                       world_size, zero_stage, offload, dtype, grad_clip, lora_lr=None, head_params=(), head_lr=None,
+                       **ds_extra):
     import deepspeed
     from transformers import get_scheduler
-    optimizer = torch.optim.AdamW(optimizer_groups(model, lr, weight_decay, lora_lr), lr=lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(optimizer_groups(model, lr, weight_decay, lora_lr, head_params, head_lr), lr=lr,
+                                  betas=(0.9, 0.95))
     sched = get_scheduler(scheduler, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1))
     config = train_ds_config(micro_batch=micro_batch, grad_accum=grad_accum, world_size=world_size,
                              zero_stage=zero_stage, offload=offload, dtype=dtype, grad_clip=grad_clip, **ds_extra)
