@@ -24,7 +24,6 @@ SFT teaches precisely the text the step-3 rewards score. Only the chat style can
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -34,6 +33,7 @@ if __package__ in (None, ""):  # `python step3_rlhf/warm_start.py` from a checko
 
 from step3_rlhf.rewards.countdown import generate_tasks, solution_text  # noqa: E402
 from step3_rlhf.rewards.gsm8k import extract_reference  # noqa: E402
+from utils.data.synthetic import write_json_lines as write_jsonl  # noqa: E402
 from step3_rlhf.rewards.prompts import (THINK_OPEN, TaskPrompt, countdown_prompt, gsm8k_prompt, load_countdown_jsonl,  # noqa: E402
                                         load_gsm8k_jsonl)
 
@@ -105,15 +105,6 @@ def build_rows(task: str, data_path: str, n: int = 0, seed: int = 1234, num_coun
     else:
         raise ValueError(f"unknown task {task!r}; expected countdown or gsm8k")
     return rows
-
-
-def write_jsonl(rows: list[dict], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

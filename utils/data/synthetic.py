@@ -163,15 +163,20 @@ def make_synthetic_preferences(n: int, seed: int = 1234) -> list[PreferenceRow]:
     return rows
 
 
+def write_json_lines(records, path: str) -> None:
+    """One JSON object per line, written atomically (a temporary file renamed into place)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 def write_jsonl(rows: list[PreferenceRow], out: str) -> None:
     """prompt (plain text) / chosen / rejected JSONL, written atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps({"prompt": row.prompt[-1]["content"], "chosen": row.chosen,
-                                 "rejected": row.rejected}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    write_json_lines(({"prompt": row.prompt[-1]["content"], "chosen": row.chosen, "rejected": row.rejected}
+                      for row in rows), out)
 
 
 def main(argv=None) -> int:
