@@ -88,6 +88,7 @@ def run_ours(a):
     from step3_rlhf.main import plan_steps
     from step3_rlhf.prompt_data import collate_prompts
     from step3_rlhf.trainer import RLTrainer
+    from utils.allocator import active_allocator
     from utils.models import load_tokenizer, unwrap
     from utils.options import parse_config
     from utils.stage import start_stage
@@ -159,7 +160,8 @@ def run_ours(a):
            "no_grad_forward_params": [x for x in (ref, critic, reward) if x] + ([] if reused else [actor]),
            "trained_params": [x for x in (actor, critic) if x],
            "reward_mean_first_last": [history[0]["reward/mean"], history[-1]["reward/mean"]],
-           "peak_rss_gb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+           "peak_rss_gb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+           "allocator": active_allocator(), "attention": unwrap(engines.actor).config._attn_implementation}
     print(json.dumps(out), flush=True)
 
 
@@ -202,6 +204,10 @@ def summarize(results, dtypes, a):
         if o and t:
             ratios[f"ppo_samples_per_s_ours_over_trl_{d}"] = o["samples_per_s"] / t["samples_per_s"]
             ratios[f"ppo_peak_rss_ours_over_trl_{d}"] = o["peak_rss_gb"] / t["peak_rss_gb"]
+    glibc = get("ours_ppo_bf16_glibc")
+    if glibc and trl:
+        ratios["ppo_peak_rss_ours_glibc_over_trl"] = glibc["peak_rss_gb"] / trl["peak_rss_gb"]
+        ratios["ppo_samples_per_s_ours_glibc_over_trl"] = glibc["samples_per_s"] / trl["samples_per_s"]
     og, tg = get(f"ours_grpo_{a.grpo_dtype}"), get(f"trl_grpo_{a.grpo_dtype}")
     if og and tg:
         ratios["grpo_samples_per_s_ours_over_trl"] = og["samples_per_s"] / tg["samples_per_s"]
@@ -258,6 +264,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip_peers", action="store_true", help="only ours (no TRL, bare decode, matmul)")
     ap.add_argument("--skip_grpo", action="store_true")
+    ap.add_argument("--skip_glibc", action="store_true", help="no extra run of ours under glibc's malloc")
     ap.add_argument("--only", default="", help="comma list of contenders to run (names as in the JSON)")
     ap.add_argument("--workdir", default="/tmp/rlhfkit_bench")
     ap.add_argument("--trl_root", default="/tmp", help="where the trl==X target dirs are (or get installed)")
@@ -272,6 +279,8 @@ def main(argv=None):
     ap.add_argument("--prompts", default="", help=argparse.SUPPRESS)
     a = ARGS = ap.parse_args(argv)
     if a.role == "ours":
+        from utils.allocator import use_tcmalloc
+        use_tcmalloc()  # as step3_rlhf/main.py does (before torch is imported); --allocator system keeps glibc
         return run_ours(a)
     value_dir, prompts = prepare(a)
     dtypes = [d for d in a.dtypes.split(",") if d]
@@ -282,6 +291,9 @@ def main(argv=None):
     extra = (["--extra_flags", *a.extra_flags] if a.extra_flags else [])
     plan = [(f"ours_ppo_{d}", [py, me, "--role", "ours", "--algo", "ppo", "--dtype", d, *common, *extra], None)
             for d in dtypes]
+    if "bf16" in dtypes and not a.skip_glibc:  # ours under glibc's malloc too: what the allocator is worth
+        plan.append(("ours_ppo_bf16_glibc", [py, me, "--role", "ours", "--algo", "ppo", "--dtype", "bf16", *common,
+                                             *extra], "glibc"))
     if not a.skip_grpo:
         plan.append((f"ours_grpo_{a.grpo_dtype}", [py, me, "--role", "ours", "--algo", "grpo", "--dtype",
                                                    a.grpo_dtype, *common, *extra], None))
@@ -291,7 +303,7 @@ def main(argv=None):
         for d in dtypes:
             plan.append((f"bare_decode_{d}", [py, os.path.join(PEERS, "bare_decode.py"), "--model", model_dir,
                                               "--prompts", prompts, "--dtype", d, "--threads", str(a.threads),
-                                              "--new_tokens", str(a.new_tokens)], None))
+                                              "--new_tokens", str(a.new_tokens)], "same_allocator"))
         peer_steps = str(a.peer_steps or a.steps)
         for d in dtypes:
             plan.append((f"trl_ppo_{d}", [py, os.path.join(PEERS, "trl_ppo.py"), "--policy", model_dir, "--value",
@@ -311,7 +323,13 @@ def main(argv=None):
         if only and name not in only:
             continue
         env = None
-        if trl:
+        if trl == "glibc":
+            env = dict(os.environ, RLHFKIT_ALLOCATOR="system")
+        elif trl == "same_allocator":  # the bare loop runs under the allocator our stages use
+            from utils.allocator import find_tcmalloc
+            lib = find_tcmalloc()
+            env = dict(os.environ, LD_PRELOAD=lib) if lib and os.environ.get("RLHFKIT_ALLOCATOR") != "system" else None
+        elif trl:
             try:
                 env = trl_env(TRL_PPO_VERSION if trl == "ppo" else TRL_GRPO_VERSION)
             except subprocess.CalledProcessError as e:

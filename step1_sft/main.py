@@ -9,6 +9,10 @@ import sys
 if __package__ in (None, ""):  # `python step1_sft/main.py` / `deepspeed step1_sft/main.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # before torch is imported: re-exec once under tcmalloc where the machine has it
+    from utils.allocator import use_tcmalloc
+    use_tcmalloc()
+
 import math  # noqa: E402
 
 import torch  # noqa: E402
@@ -70,7 +74,8 @@ def main(argv=None):
                            dropout=cfg.dropout, disable_dropout=cfg.disable_dropout,
                            gradient_checkpointing=cfg.gradient_checkpointing, lora_dim=cfg.lora_dim,
                            lora_alpha=cfg.lora_alpha, lora_module_name=cfg.lora_module_name,
-                           lora_only=cfg.only_optimize_lora)
+                           lora_only=cfg.only_optimize_lora, attention=cfg.attn_implementation,
+                           fused_layers=cfg.fused_layers)
     total = cfg.max_steps or cfg.num_train_epochs * steps_per_epoch(
         len(train_set), cfg.per_device_train_batch_size, ctx.world_size, cfg.gradient_accumulation_steps)
     engine = build_train_engine(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, total_steps=total,

@@ -12,6 +12,10 @@ import time
 if __package__ in (None, ""):  # `python step2_reward_model/main.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # before torch is imported: re-exec once under tcmalloc where the machine has it
+    from utils.allocator import use_tcmalloc
+    use_tcmalloc()
+
 import torch  # noqa: E402
 
 from step2_reward_model.config import RewardConfig  # noqa: E402
@@ -125,7 +129,8 @@ def main(argv=None):
                              head_init_std=cfg.head_init_std, dropout=cfg.dropout, disable_dropout=cfg.disable_dropout,
                              gradient_checkpointing=cfg.gradient_checkpointing, lora_dim=cfg.lora_dim,
                              lora_alpha=cfg.lora_alpha, lora_module_name=cfg.lora_module_name,
-                             lora_only=cfg.only_optimize_lora)
+                             lora_only=cfg.only_optimize_lora, attention=cfg.attn_implementation,
+                             fused_layers=cfg.fused_layers)
     if cfg.only_optimize_lora:
         model.score.weight.requires_grad_(True)  # the head is new: it must train even in LoRA-only mode
     freeze_lower_layers(model, cfg.num_frozen_layers)

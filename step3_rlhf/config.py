@@ -72,6 +72,9 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
                      choices=["auto", "fp32", "bf16", "fp16"])
     actor_gradient_checkpointing: bool = opt(False, "Gradient checkpointing for the actor.")
     critic_gradient_checkpointing: bool = opt(False, "Gradient checkpointing for the critic.")
+    length_groups: int = opt(3, "Scoring and training forwards run the rows of a batch in up to this many groups "
+                             "by length, each without its all-padding columns (same numbers, fewer FLOPs; 1 = one "
+                             "padded batch).")
     actor_dropout: float = opt(0.0, "Actor dropout (0 keeps old/new log-probs comparable).")
     critic_dropout: float = opt(0.0, "Critic dropout.")
     actor_lora_dim: int = opt(0, "Actor LoRA rank (0 = full).")
@@ -109,6 +112,8 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
         self._check_rules_match_task()
         if self.algo != "ppo" and self.num_generations < 2:
             raise ConfigError(f"--algo {self.algo} compares samples of one prompt: set --num_generations >= 2")
+        if self.length_groups < 1:
+            raise ConfigError(f"--length_groups must be >= 1 (1 = one padded batch), got {self.length_groups}")
         if self.min_answer_seq_len > self.max_answer_seq_len:
             raise ConfigError("--min_answer_seq_len is larger than --max_answer_seq_len")
         if self.only_optimize_lora and not self.actor_lora_dim:

@@ -46,9 +46,10 @@ def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engine
                   grad_clip=cfg.grad_clip, micro_batch=micro)
 
     actor = load_causal_lm(cfg.actor_model_name_or_path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
-                           dropout=cfg.actor_dropout, gradient_checkpointing=cfg.actor_gradient_checkpointing,
-                           lora_dim=cfg.actor_lora_dim, lora_alpha=cfg.lora_alpha,
-                           lora_module_name=cfg.actor_lora_module_name, lora_only=cfg.only_optimize_lora)
+                           attention=cfg.attn_implementation, fused_layers=cfg.fused_layers, dropout=cfg.actor_dropout,
+                           gradient_checkpointing=cfg.actor_gradient_checkpointing, lora_dim=cfg.actor_lora_dim,
+                           lora_alpha=cfg.lora_alpha, lora_module_name=cfg.actor_lora_module_name,
+                           lora_only=cfg.only_optimize_lora)
     actor_engine = build_train_engine(
         actor, lr=cfg.actor_learning_rate, weight_decay=cfg.actor_weight_decay, zero_stage=cfg.actor_zero_stage,
         offload=cfg.offload, lora_lr=cfg.actor_lora_learning_rate if cfg.actor_lora_dim else None,
@@ -57,21 +58,14 @@ def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engine
         tp_gather_partition_size=cfg.tp_gather_partition_size,
         max_out_tokens=cfg.max_prompt_seq_len + cfg.max_answer_seq_len, **common)
 
-    reference, lora_off = None, False
-    if needs_reference(cfg):
-        if cfg.actor_lora_dim and cfg.reference_from_lora and cfg.only_optimize_lora:
-            lora_off = True  # base weights are frozen, so actor-without-adapters IS the step-1 model
-        else:
-            ref = load_causal_lm(cfg.actor_model_name_or_path, dtype=ctx.dtype,
-                                 trust_remote_code=cfg.trust_remote_code, disable_dropout=True)
-            reference = build_frozen_engine(ref, micro_batch=micro, world_size=ctx.world_size,
-                                            zero_stage=cfg.actor_zero_stage, offload=cfg.offload_reference_model,
-                                            dtype=ctx.dtype)
-
+    # the trained models first: each one's optimizer set-up briefly holds zero gradients of its size, so
+    # building the frozen models after them keeps that transient off their memory (a lower start-up peak)
     critic = None
     if cfg.algo == "ppo":
         model = load_value_model(cfg.critic_model_name_or_path, dtype=ctx.dtype,
                                  trust_remote_code=cfg.trust_remote_code, dropout=cfg.critic_dropout,
+                                 attention=cfg.attn_implementation,
+                                 fused_layers=cfg.fused_layers,
                                  gradient_checkpointing=cfg.critic_gradient_checkpointing, lora_dim=cfg.critic_lora_dim,
                                  lora_alpha=cfg.lora_alpha, lora_module_name=cfg.critic_lora_module_name,
                                  lora_only=cfg.only_optimize_lora and cfg.critic_lora_dim > 0)
@@ -81,10 +75,24 @@ def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engine
                                     lora_lr=cfg.critic_lora_learning_rate if cfg.critic_lora_dim else None,
                                     **{**common, "total_steps": critic_total_steps or total_steps})
 
+    reference, lora_off = None, False
+    if needs_reference(cfg):
+        if cfg.actor_lora_dim and cfg.reference_from_lora and cfg.only_optimize_lora:
+            lora_off = True  # base weights are frozen, so actor-without-adapters IS the step-1 model
+        else:
+            ref = load_causal_lm(cfg.actor_model_name_or_path, dtype=ctx.dtype,
+                                 trust_remote_code=cfg.trust_remote_code, disable_dropout=True,
+                                 attention=cfg.attn_implementation,
+                                 fused_layers=cfg.fused_layers)
+            reference = build_frozen_engine(ref, micro_batch=micro, world_size=ctx.world_size,
+                                            zero_stage=cfg.actor_zero_stage, offload=cfg.offload_reference_model,
+                                            dtype=ctx.dtype)
+
     reward_engine, weight = None, 1.0
     if model_specs:
         rm = load_value_model(model_specs[0].path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
-                              disable_dropout=True)
+                              disable_dropout=True, attention=cfg.attn_implementation,
+                              fused_layers=cfg.fused_layers)
         reward_engine = build_frozen_engine(TokenValues(rm), micro_batch=micro, world_size=ctx.world_size,
                                             zero_stage=cfg.critic_zero_stage, offload=cfg.offload_reward_model,
                                             dtype=ctx.dtype)

@@ -13,6 +13,11 @@ import torch
 
 from utils.losses import entropy_from_logits, gather_last, gather_logprobs
 from utils.models import position_ids_from_mask, unwrap
+from utils.padding import run_row_groups
+
+# response positions whose [B, chunk, V] logits are upcast to float32 at once (log-probs, entropy): 16 x 8 rows x
+# a 49k vocabulary is a 25 MB float32 block instead of the 100 MB of all 64 positions of workload W
+LOGIT_CHUNK = 16
 
 
 @dataclass
@@ -110,44 +115,35 @@ def response_logits(model, sequences, attention_mask, n_response, temperature=1.
     return logits / temperature if temperature not in (0, 1) else logits
 
 
-def _by_rows(fn, row_chunk, *tensors):
-    """fn(*row slices) over chunks of `row_chunk` rows, concatenated: the same numbers for a fraction of the
-    transient memory (logits of a few rows at a time). No chunking under autograd (one micro-batch)."""
-    n = tensors[0].shape[0]
-    if not row_chunk or n <= row_chunk or torch.is_grad_enabled():
-        return fn(*tensors)
-    parts = [fn(*(t[s:s + row_chunk] for t in tensors)) for s in range(0, n, row_chunk)]
-    if isinstance(parts[0], tuple):
-        return tuple(torch.cat(p) for p in zip(*parts))
-    return torch.cat(parts)
-
-
 def response_logprobs(model, sequences, attention_mask, n_response, temperature=1.0, with_entropy=False,
-                      row_chunk=None, prompt_len=None, group_size=1):
+                      row_chunk=None, prompt_len=None, group_size=1, length_groups=1):
     """log p of the R response tokens [B, R] (float32), and their entropy with `with_entropy`.
     `row_chunk`: without autograd, run at most that many rows at a time (same numbers, less memory).
     `prompt_len` + `group_size`: rows come in groups of copies of one prompt (GRPO); each prompt is then run
-    once per group (generation.shared_prefix_logits) where the model allows it."""
+    once per group (generation.shared_prefix_logits) where the model allows it. `length_groups`: run the rows
+    in up to that many groups by length, each without its all-padding columns (utils.padding)."""
     from step3_rlhf.generation import shared_group, shared_prefix_logits
 
-    def one(seq, mask):
-        g = shared_group(model, seq, mask, prompt_len, group_size)
+    def one(cut, mask, seq):
+        P = prompt_len - cut if prompt_len else prompt_len
+        g = shared_group(model, seq, mask, P, group_size)
         if g > 1:
-            logits = shared_prefix_logits(model, seq, mask, prompt_len, n_response, g)
+            logits = shared_prefix_logits(model, seq, mask, P, n_response, g)
             logits = logits / temperature if temperature not in (0, 1) else logits
         else:
             logits = response_logits(model, seq, mask, n_response, temperature)
-        logp = gather_logprobs(logits, seq[:, -n_response:], chunk_size=64)
+        logp = gather_logprobs(logits, seq[:, -n_response:], chunk_size=LOGIT_CHUNK)
         if with_entropy:
-            return logp, entropy_from_logits(logits.detach(), chunk_size=64)
+            return logp, entropy_from_logits(logits.detach(), chunk_size=LOGIT_CHUNK)
         return logp
-    return _by_rows(one, row_chunk, sequences, attention_mask)
+    return run_row_groups(one, attention_mask, sequences, align=group_size, max_groups=length_groups,
+                          row_chunk=row_chunk)
 
 
-def response_values(critic, sequences, attention_mask, n_response, row_chunk=None):
+def response_values(critic, sequences, attention_mask, n_response, row_chunk=None, length_groups=1):
     """V(s_t) for each response token t: the critic's value at the position before it."""
-    values = _by_rows(critic, row_chunk, sequences, attention_mask)
-    return values[:, -n_response - 1:-1]
+    return run_row_groups(lambda cut, mask, seq: critic(seq, mask)[:, -n_response - 1:-1], attention_mask,
+                          sequences, max_groups=length_groups, row_chunk=row_chunk)
 
 
 class RewardFunction:
@@ -158,20 +154,23 @@ class RewardFunction:
 
     @torch.no_grad()
     def __call__(self, sequences, attention_mask, prompts, responses, metas, row_chunk=None, prompt_len=None,
-                 group_size=1):
-        """(total [B], components). `row_chunk`, `prompt_len`, `group_size`: as in response_logprobs; the
-        score is the value at the last real token, which is a response token (the first one always is)."""
+                 group_size=1, length_groups=1):
+        """(total [B], components). `row_chunk`, `prompt_len`, `group_size`, `length_groups`: as in
+        response_logprobs; the score is the value at the last real token, which is a response token (the first
+        one always is)."""
         from step3_rlhf.generation import shared_group, shared_prefix_response_values
         total = torch.zeros(sequences.shape[0], device=sequences.device)
         components = {}
         if self.reward_engine is not None:
-            def one(seq, mask):
-                g = shared_group(self.reward_engine, seq, mask, prompt_len, group_size)
-                if g > 1 and seq.shape[1] > prompt_len:
-                    values = shared_prefix_response_values(self.reward_engine, seq, mask, prompt_len, g)
-                    return gather_last(values, mask[:, prompt_len:])
+            def one(cut, mask, seq):
+                P = prompt_len - cut if prompt_len else prompt_len
+                g = shared_group(self.reward_engine, seq, mask, P, group_size)
+                if g > 1 and seq.shape[1] > P:
+                    values = shared_prefix_response_values(self.reward_engine, seq, mask, P, g)
+                    return gather_last(values, mask[:, P:])
                 return gather_last(self.reward_engine(seq, mask), mask)
-            score = _by_rows(one, row_chunk, sequences, attention_mask).float()
+            score = run_row_groups(one, attention_mask, sequences, align=group_size, max_groups=length_groups,
+                                   row_chunk=row_chunk).float()
             components["reward/model"] = score
             total += self.model_weight * score
         if self.rules is not None:

@@ -9,6 +9,10 @@ import sys
 if __package__ in (None, ""):  # `python step3_rlhf/main.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # before torch is imported: re-exec once under tcmalloc where the machine has it
+    from utils.allocator import use_tcmalloc
+    use_tcmalloc()
+
 import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402

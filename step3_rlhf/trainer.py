@@ -54,17 +54,8 @@ class RLTrainer:
             P, R = ids.shape[1], seq.shape[1] - ids.shape[1]
             attn = torch.cat([mask, action_mask.long()], 1)
             # forward-only passes: a micro-batch of rows at a time, each group's prompt run once (GRPO)
-            shared = dict(row_chunk=cfg.per_device_training_batch_size, prompt_len=P, group_size=g)
-            graph = None
-            if self.reuses_policy_forward(seq.shape[0], sample):
-                self.e.actor.train()
-                with torch.enable_grad():
-                    graph = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0, with_entropy=True,
-                                              prompt_len=P, group_size=g)
-                logp = graph[0].detach()
-            else:
-                self.e.actor.eval()
-                logp = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0, **shared)
+            shared = dict(row_chunk=cfg.per_device_training_batch_size, prompt_len=P, group_size=g,
+                          length_groups=cfg.length_groups)
             ref_logp = None
             with ReferenceScope(self.e) as ref:
                 if ref is not None:
@@ -72,11 +63,24 @@ class RLTrainer:
             values = None
             if self.e.critic is not None:
                 self.e.critic.eval()
-                values = response_values(self.e.critic, seq, attn, R, row_chunk=shared['row_chunk']) * action_mask
+                values = response_values(self.e.critic, seq, attn, R, row_chunk=shared['row_chunk'],
+                                         length_groups=cfg.length_groups) * action_mask
             responses = self.tok.batch_decode(seq[:, P:].masked_fill(action_mask == 0, self.tok.pad_token_id),
                                               skip_special_tokens=True)
             own = isinstance(self.e.reward_fn, RewardFunction)
             scores, components = self.e.reward_fn(seq, attn, prompts, responses, metas, **(shared if own else {}))
+            # the actor last: when its forward keeps the autograd graph for the update, the other models'
+            # forwards do not run (and allocate) on top of it
+            graph = None
+            if self.reuses_policy_forward(seq.shape[0], sample):
+                self.e.actor.train()
+                with torch.enable_grad():
+                    graph = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0, with_entropy=True,
+                                              prompt_len=P, group_size=g, length_groups=cfg.length_groups)
+                logp = graph[0].detach()
+            else:
+                self.e.actor.eval()
+                logp = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0, **shared)
             exp = Experience(seq, attn, action_mask, P, logp, ref_logp, values, scores.to(dev),
                              responses=responses, prompts=prompts, components=components, policy_graph=graph)
             compute_advantages(exp, self.cfg, group_size=g)
@@ -106,7 +110,8 @@ class RLTrainer:
                     else:
                         logp, ent = response_logprobs(self.e.actor, mb.sequences, mb.attention_mask, R,
                                                       cfg.temperature or 1.0, with_entropy=True,
-                                                      prompt_len=mb.prompt_len, group_size=cfg.num_generations)
+                                                      prompt_len=mb.prompt_len, group_size=cfg.num_generations,
+                                                      length_groups=cfg.length_groups)
                     del graph
                     loss, st = policy_loss(mb, logp, cfg)
                     if not self.guard.check(step, {"policy loss": loss.detach()}, reset=self.e.critic is None):
@@ -120,7 +125,8 @@ class RLTrainer:
                     if "approx_kl" in st:
                         add("kl/approx_old_new", st["approx_kl"])
                     if self.e.critic is not None:
-                        values = response_values(self.e.critic, mb.sequences, mb.attention_mask, R)
+                        values = response_values(self.e.critic, mb.sequences, mb.attention_mask, R,
+                                                 length_groups=cfg.length_groups)
                         vloss, vclip = value_loss(values, mb.values, mb.returns, mb.action_mask, cfg.cliprange_value)
                         if self.guard.check(step, {"policy loss": loss.detach(), "value loss": vloss.detach()}):
                             self.e.critic.backward(vloss)

@@ -267,3 +267,30 @@ def test_shared_prefix_forward_and_its_gradient_equal_full_rows(arch, tiny_model
     # the prompt ran once for 3 rows, and autograd sums the 3 rows' gradients through the copied cache
     for k in g_full:
         assert torch.allclose(g_sh[k], g_full[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_ppo_update_on_the_lean_paths_equals_the_plain_one(rl_setup):
+    """Length groups without padding columns, grouped-matmul attention and the lean RMSNorm/SwiGLU autograd
+    give the same experience, losses and updated weights as one padded batch through SDPA and plain layers."""
+    batch = ["--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4"]
+    lean, items = _trainer(rl_setup, "lean", *batch, "--attn_implementation", "grouped_matmul",
+                           "--length_groups", "3")
+    plain, _ = _trainer(rl_setup, "plain", *batch, "--attn_implementation", "sdpa", "--no-fused_layers",
+                        "--length_groups", "1")
+    actor = unwrap(lean.e.actor)
+    assert actor.config._attn_implementation == "grouped_matmul"
+    assert hasattr(actor.model.norm, "_plain_forward") and not hasattr(unwrap(plain.e.actor).model.norm,
+                                                                        "_plain_forward")
+    items = sorted(items, key=lambda it: len(it["prompt_input_ids"]))  # prompts of different lengths
+    picked = items[:2] + items[-2:]
+    assert len(picked[0]["prompt_input_ids"]) < len(picked[-1]["prompt_input_ids"])
+    exp_l, st_l, w_l = _one_step(lean, picked, 4)
+    exp_p, st_p, w_p = _one_step(plain, picked, 4)
+    assert torch.equal(exp_l.sequences, exp_p.sequences)
+    for name in ("logprobs", "ref_logprobs", "values", "scores", "advantages"):
+        assert torch.allclose(getattr(exp_l, name), getattr(exp_p, name), atol=1e-5), name
+    for k in ("loss/policy", "loss/value", "entropy"):
+        assert abs(st_l[k] - st_p[k]) < 1e-5, k
+    assert st_l["loss/policy"] != 0.0
+    for k in w_l:
+        assert torch.allclose(w_l[k], w_p[k], atol=1e-5), k

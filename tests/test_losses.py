@@ -49,6 +49,20 @@ def test_gather_logprobs_matches_log_softmax(dtype, chunk_size):
     assert torch.allclose(out, ref_f32, atol=1e-5 if dtype == torch.float32 else 0.1)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_gather_logprobs_backward_matches_log_softmax_autograd(dtype, tol, chunk_size):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(3, 5, 40, generator=g) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, 40, (3, 5), generator=g)
+    weights = torch.randn(3, 5, generator=g)
+    (gather_logprobs(logits, labels, chunk_size=chunk_size) * weights).sum().backward()
+    ours, logits.grad = logits.grad, None
+    ref = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (ref * weights).sum().backward()
+    assert ours.dtype == dtype and torch.allclose(ours.float(), logits.grad.float(), atol=tol)
+
+
 def test_gather_logprobs_gradient_and_known_value():
     # V = 3, logits (0, 0, ln 2): p = (1, 1, 2) / 4 -> log p(label 2) = ln 0.5, log p(label 0) = ln 0.25
     logits = torch.tensor([[[0.0, 0.0, math.log(2)], [0.0, 0.0, math.log(2)]]], requires_grad=True)

@@ -47,19 +47,43 @@ def _chunks(t_len, chunk_size):
     return [(s, min(s + step, t_len)) for s in range(0, max(t_len, 1), step)]
 
 
+class _LabelLogProb(torch.autograd.Function):
+    """log p(label) with a backward that keeps only the logits and the fp32 log-sum-exp per position (not a
+    float32 copy of [B, T, V]) and rebuilds softmax chunk by chunk: d/dlogits = g * (onehot(label) - p)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, chunk_size):
+        idx = labels.long().unsqueeze(-1)
+        out, lse = torch.empty(labels.shape, dtype=torch.float32), torch.empty(labels.shape, dtype=torch.float32)
+        out, lse = out.to(logits.device), lse.to(logits.device)
+        for s, e in _chunks(logits.shape[1], chunk_size):
+            chunk = logits[:, s:e].float()
+            lse[:, s:e] = torch.logsumexp(chunk, dim=-1)
+            out[:, s:e] = chunk.gather(-1, idx[:, s:e]).squeeze(-1) - lse[:, s:e]
+        ctx.save_for_backward(logits, idx, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, idx, lse = ctx.saved_tensors
+        d_logits = torch.empty_like(logits)
+        for s, e in _chunks(logits.shape[1], ctx.chunk_size):
+            g = grad[:, s:e].unsqueeze(-1).float()
+            d = (logits[:, s:e].float() - lse[:, s:e].unsqueeze(-1)).exp_().mul_(-g)
+            d_logits[:, s:e] = d.scatter_add_(-1, idx[:, s:e], g)
+        return d_logits, None, None
+
+
 def gather_logprobs(logits, labels, chunk_size=None):
     """log p(label) = logit[label] - logsumexp(logits), [B, T] in float32.
 
     No [B, T, V] log_softmax is built: only the picked logit and the logsumexp per position.
     Each chunk of `chunk_size` positions is upcast to float32 on its own, so the float32 copy of a
-    bf16 logits tensor is at most [B, chunk_size, V]. Labels must be valid ids (mask -100 first).
+    bf16 logits tensor is at most [B, chunk_size, V], in the backward too. Labels must be valid ids
+    (mask -100 first).
     """
-    out = []
-    for s, e in _chunks(logits.shape[1], chunk_size):
-        chunk = logits[:, s:e].float()
-        picked = chunk.gather(-1, labels[:, s:e].long().unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(chunk, dim=-1))
-    return torch.cat(out, dim=1)
+    return _LabelLogProb.apply(logits, labels, chunk_size)
 
 
 def entropy_from_logits(logits, chunk_size=None):

@@ -135,9 +135,27 @@ def _apply_dropout(model, dropout, disable_dropout):
             m.p = dropout
 
 
+def set_attention(model, attention="auto"):
+    """`auto`: our grouped-matmul attention (utils/attention.py) for a bf16 model on a CPU-only machine whose
+    default is SDPA; otherwise the model keeps its own. Any other name is set as given."""
+    from utils.attention import register
+    if attention == "auto":
+        cpu_bf16 = model.dtype == torch.bfloat16 and not torch.cuda.is_available()
+        attention = "grouped_matmul" if cpu_bf16 and model.config._attn_implementation == "sdpa" else ""
+    if attention and attention != model.config._attn_implementation:
+        model.set_attn_implementation(register() if attention == "grouped_matmul" else attention)
+    return model
+
+
 def prepare_model(model, *, dropout=None, disable_dropout=False, gradient_checkpointing=False,
-                  lora_dim=0, lora_alpha=0.0, lora_module_name="layers.", lora_only=False):
-    """Dropout, gradient checkpointing and LoRA, applied the same way for every trainable model."""
+                  lora_dim=0, lora_alpha=0.0, lora_module_name="layers.", lora_only=False, attention="auto",
+                  fused_layers=True):
+    """Attention kernel, lean layers, dropout, gradient checkpointing and LoRA, applied the same way for every
+    model."""
+    from utils.fused_layers import fuse_layers
+    set_attention(model, attention)
+    if fused_layers:
+        fuse_layers(model)  # checks each module when it runs, so LoRA added below simply gets the plain path
     _apply_dropout(model, dropout, disable_dropout)
     if gradient_checkpointing:
         # config.use_cache stays as it is: every training forward passes use_cache=False itself, and a

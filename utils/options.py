@@ -69,6 +69,13 @@ class RunOptions:
                        "when one is there; --no_resume starts over).")
     no_resume: bool = opt(False, "Ignore checkpoints in OUTPUT_DIR and start over.")
     max_bad_steps: int = opt(3, "Stop after this many consecutive non-finite losses (each is skipped).")
+    attn_implementation: str = opt("auto", "Attention kernel: auto = grouped_matmul for bf16 on CPU (utils/"
+                                   "attention.py, faster than SDPA's CPU kernel there), else the model's default; "
+                                   "or force one.", choices=["auto", "grouped_matmul", "sdpa", "eager"])
+    allocator: str = opt("auto", "Memory allocator: auto = tcmalloc where installed (utils/allocator.py: less "
+                         "memory held, faster on CPU), system = glibc malloc.", choices=["auto", "system"])
+    fused_layers: bool = opt(True, "Llama-style RMSNorm and SwiGLU MLP keep only their inputs for backward "
+                             "(utils/fused_layers.py: same forward, about half the activation memory).")
 
 
 @dataclass

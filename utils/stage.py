@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from utils.allocator import active_allocator
 from utils.logger import RunLogger
 from utils.models import OFFLINE_DEFAULT, ModelLoadError, resolve_dtype
 from utils.options import ConfigError
@@ -173,7 +174,8 @@ def start_stage(cfg, stage_name) -> StageContext:
         os.makedirs(cfg.output_dir, exist_ok=True)
     log = RunLogger(cfg, rank, stage_name)
     log.info(f"{world} process(es) on {device.type}, dtype {str(dtype).replace('torch.', '')}, "
-             f"ZeRO stage {getattr(cfg, 'zero_stage', getattr(cfg, 'actor_zero_stage', 0))}")
+             f"ZeRO stage {getattr(cfg, 'zero_stage', getattr(cfg, 'actor_zero_stage', 0))}, "
+             f"allocator {active_allocator()}")
     return StageContext(rank, world, device, dtype, log)
 
 
