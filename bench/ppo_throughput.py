@@ -7,7 +7,10 @@ value head. GRPO: G=8, 8 prompts x 8 samples per step.
 
 Every contender runs in its own subprocess, one after another (never concurrently), and its peak RSS is that
 process's ru_maxrss (os.wait4). Ours is the product itself (RLHFConfig -> build_engines -> RLTrainer -> fit),
-driven with the same flags a user passes to step3_rlhf/main.py. Peers: TRL's experimental PPOTrainer
+driven with the same flags a user passes to step3_rlhf/main.py, under the allocator step 3 picks (tcmalloc where
+installed, utils/allocator.py); two extra runs of ours show what that allocator and gradient checkpointing are
+worth (ours_ppo_bf16_glibc, ours_ppo_bf16_checkpointing). The bare decode loop runs under the same allocator
+as ours; TRL runs as it ships (glibc). Peers: TRL's experimental PPOTrainer
 (trl==1.12.0) and TRL 1.16's GRPOTrainer, each from its own `pip install --no-deps --target` dir on
 PYTHONPATH (never a dependency of the toolkit), a bare PyTorch KV-cache decode loop and a matmul probe.
 
@@ -204,6 +207,11 @@ def summarize(results, dtypes, a):
         if o and t:
             ratios[f"ppo_samples_per_s_ours_over_trl_{d}"] = o["samples_per_s"] / t["samples_per_s"]
             ratios[f"ppo_peak_rss_ours_over_trl_{d}"] = o["peak_rss_gb"] / t["peak_rss_gb"]
+    ckpt = get("ours_ppo_bf16_checkpointing")
+    if ckpt and trl:
+        ratios["ppo_peak_rss_ours_checkpointing_over_trl"] = ckpt["peak_rss_gb"] / trl["peak_rss_gb"]
+        ratios["ppo_samples_per_s_ours_checkpointing_over_trl"] = ckpt["samples_per_s"] / trl["samples_per_s"]
+        targets["rss_half_of_trl_with_checkpointing"] = ratios["ppo_peak_rss_ours_checkpointing_over_trl"] <= 0.5
     glibc = get("ours_ppo_bf16_glibc")
     if glibc and trl:
         ratios["ppo_peak_rss_ours_glibc_over_trl"] = glibc["peak_rss_gb"] / trl["peak_rss_gb"]
@@ -265,6 +273,7 @@ def main(argv=None):
     ap.add_argument("--skip_peers", action="store_true", help="only ours (no TRL, bare decode, matmul)")
     ap.add_argument("--skip_grpo", action="store_true")
     ap.add_argument("--skip_glibc", action="store_true", help="no extra run of ours under glibc's malloc")
+    ap.add_argument("--skip_lowmem", action="store_true", help="no extra run of ours with gradient checkpointing")
     ap.add_argument("--only", default="", help="comma list of contenders to run (names as in the JSON)")
     ap.add_argument("--workdir", default="/tmp/rlhfkit_bench")
     ap.add_argument("--trl_root", default="/tmp", help="where the trl==X target dirs are (or get installed)")
@@ -294,6 +303,11 @@ def main(argv=None):
     if "bf16" in dtypes and not a.skip_glibc:  # ours under glibc's malloc too: what the allocator is worth
         plan.append(("ours_ppo_bf16_glibc", [py, me, "--role", "ours", "--algo", "ppo", "--dtype", "bf16", *common,
                                              *extra], "glibc"))
+    if "bf16" in dtypes and not a.skip_lowmem:  # ours with gradient checkpointing: the memory it buys, its cost
+        plan.append(("ours_ppo_bf16_checkpointing", [py, me, "--role", "ours", "--algo", "ppo", "--dtype", "bf16",
+                                                     *common, "--extra_flags", *a.extra_flags,
+                                                     "--actor_gradient_checkpointing",
+                                                     "--critic_gradient_checkpointing"], None))
     if not a.skip_grpo:
         plan.append((f"ours_grpo_{a.grpo_dtype}", [py, me, "--role", "ours", "--algo", "grpo", "--dtype",
                                                    a.grpo_dtype, *common, *extra], None))

@@ -17,6 +17,7 @@ $PY -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm
 # tcmalloc: the stages re-exec themselves under it when present (utils/allocator.py: less memory held between
 # steps, faster on CPU); optional - without it they use glibc's malloc. Only where apt and root are at hand.
 if [ ! -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
   (apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
     apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1)) || echo "install.sh: tcmalloc not installed (optional)"
 fi
