@@ -207,11 +207,22 @@ def summarize(results, dtypes, a):
         if o and t:
             ratios[f"ppo_samples_per_s_ours_over_trl_{d}"] = o["samples_per_s"] / t["samples_per_s"]
             ratios[f"ppo_peak_rss_ours_over_trl_{d}"] = o["peak_rss_gb"] / t["peak_rss_gb"]
-    ckpt = get("ours_ppo_bf16_checkpointing")
-    if ckpt and trl:
+    ckpt, bare16, mm = get("ours_ppo_bf16_checkpointing"), get("bare_decode_bf16"), get("matmul")
+    if ckpt and trl:  # every PPO target for this one configuration too
         ratios["ppo_peak_rss_ours_checkpointing_over_trl"] = ckpt["peak_rss_gb"] / trl["peak_rss_gb"]
         ratios["ppo_samples_per_s_ours_checkpointing_over_trl"] = ckpt["samples_per_s"] / trl["samples_per_s"]
-        targets["rss_half_of_trl_with_checkpointing"] = ratios["ppo_peak_rss_ours_checkpointing_over_trl"] <= 0.5
+        checks = {"ppo_2x_trl": ratios["ppo_samples_per_s_ours_checkpointing_over_trl"] >= 2,
+                  "rss_half_of_trl": ratios["ppo_peak_rss_ours_checkpointing_over_trl"] <= 0.5}
+        if bare16:
+            gen = ratios["generation_over_bare_decode_checkpointing"] = \
+                ckpt["gen_sec_per_batch_of_8"] / bare16["sec_per_batch"]
+            checks["generation_within_1.25x_bare"] = gen <= 1.25
+        if mm:
+            ckpt["flop_rates_gflops"] = rates = flop_rates(ckpt)
+            rate = ratios["experience_and_training_flop_rate_over_matmul_checkpointing"] = \
+                rates["experience_and_training"] / mm["bf16"]
+            checks["training_50pct_matmul"] = rate >= 0.5
+        targets["with_checkpointing"] = checks
     glibc = get("ours_ppo_bf16_glibc")
     if glibc and trl:
         ratios["ppo_peak_rss_ours_glibc_over_trl"] = glibc["peak_rss_gb"] / trl["peak_rss_gb"]
@@ -278,6 +289,7 @@ def main(argv=None):
     ap.add_argument("--workdir", default="/tmp/rlhfkit_bench")
     ap.add_argument("--trl_root", default="/tmp", help="where the trl==X target dirs are (or get installed)")
     ap.add_argument("--out", default="", help="also write the JSON here")
+    ap.add_argument("--from_json", default="", help="re-summarize the results of an earlier run's JSON")
     ap.add_argument("--extra_flags", nargs=argparse.REMAINDER, default=[],
                     help="extra step-3 flags for our runs (last on the command line)")
     # child roles
@@ -287,6 +299,11 @@ def main(argv=None):
     ap.add_argument("--value_dir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--prompts", default="", help=argparse.SUPPRESS)
     a = ARGS = ap.parse_args(argv)
+    if a.from_json:  # the summary of an earlier run's measurements (e.g. after the summary gained a ratio)
+        with open(a.from_json) as f:
+            report = summarize(json.load(f)["results"], [d for d in a.dtypes.split(",") if d], a)
+        print(json.dumps(report, indent=2))
+        return
     if a.role == "ours":
         from utils.allocator import use_tcmalloc
         use_tcmalloc()  # as step3_rlhf/main.py does (before torch is imported); --allocator system keeps glibc
