@@ -70,7 +70,8 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
     offload_reward_model: bool = opt(False, "Keep the reward model's parameters on CPU (ZeRO-3 offload).")
     dtype: str = opt("auto", "bf16 where the device has it, else fp32 (CPU) / fp16 (old GPUs).",
                      choices=["auto", "fp32", "bf16", "fp16"])
-    actor_gradient_checkpointing: bool = opt(False, "Gradient checkpointing for the actor.")
+    actor_gradient_checkpointing: bool = opt(False, "Gradient checkpointing for the actor (with the critic's: peak "
+                                             "RSS 5.4 instead of 5.7-5.8 GB on bench W, about 5% slower).")
     critic_gradient_checkpointing: bool = opt(False, "Gradient checkpointing for the critic.")
     length_groups: int = opt(3, "Scoring and training forwards run the rows of a batch in up to this many groups "
                              "by length, each without its all-padding columns (same numbers, fewer FLOPs; 1 = one "
