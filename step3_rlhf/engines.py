@@ -64,8 +64,7 @@ def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engine
     if cfg.algo == "ppo":
         model = load_value_model(cfg.critic_model_name_or_path, dtype=ctx.dtype,
                                  trust_remote_code=cfg.trust_remote_code, dropout=cfg.critic_dropout,
-                                 attention=cfg.attn_implementation,
-                                 fused_layers=cfg.fused_layers,
+                                 attention=cfg.attn_implementation, fused_layers=cfg.fused_layers,
                                  gradient_checkpointing=cfg.critic_gradient_checkpointing, lora_dim=cfg.critic_lora_dim,
                                  lora_alpha=cfg.lora_alpha, lora_module_name=cfg.critic_lora_module_name,
                                  lora_only=cfg.only_optimize_lora and cfg.critic_lora_dim > 0)

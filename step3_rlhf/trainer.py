@@ -53,7 +53,8 @@ class RLTrainer:
         with self.log.timer("time/experience"):
             P, R = ids.shape[1], seq.shape[1] - ids.shape[1]
             attn = torch.cat([mask, action_mask.long()], 1)
-            # forward-only passes: a micro-batch of rows at a time, each group's prompt run once (GRPO)
+            # forward-only passes: a micro-batch of rows at a time (row_chunk applies without autograd only),
+            # in length groups without padding columns, each group's prompt run once (GRPO)
             shared = dict(row_chunk=cfg.per_device_training_batch_size, prompt_len=P, group_size=g,
                           length_groups=cfg.length_groups)
             ref_logp = None
@@ -63,8 +64,8 @@ class RLTrainer:
             values = None
             if self.e.critic is not None:
                 self.e.critic.eval()
-                values = response_values(self.e.critic, seq, attn, R, row_chunk=shared['row_chunk'],
-                                         length_groups=cfg.length_groups) * action_mask
+                values = response_values(self.e.critic, seq, attn, R, row_chunk=shared["row_chunk"],
+                                         length_groups=shared["length_groups"]) * action_mask
             responses = self.tok.batch_decode(seq[:, P:].masked_fill(action_mask == 0, self.tok.pad_token_id),
                                               skip_special_tokens=True)
             own = isinstance(self.e.reward_fn, RewardFunction)
@@ -76,7 +77,7 @@ class RLTrainer:
                 self.e.actor.train()
                 with torch.enable_grad():
                     graph = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0, with_entropy=True,
-                                              prompt_len=P, group_size=g, length_groups=cfg.length_groups)
+                                              **shared)
                 logp = graph[0].detach()
             else:
                 self.e.actor.eval()

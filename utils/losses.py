@@ -54,8 +54,7 @@ class _LabelLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, chunk_size):
         idx = labels.long().unsqueeze(-1)
-        out, lse = torch.empty(labels.shape, dtype=torch.float32), torch.empty(labels.shape, dtype=torch.float32)
-        out, lse = out.to(logits.device), lse.to(logits.device)
+        out, lse = (torch.empty(labels.shape, dtype=torch.float32, device=logits.device) for _ in range(2))
         for s, e in _chunks(logits.shape[1], chunk_size):
             chunk = logits[:, s:e].float()
             lse[:, s:e] = torch.logsumexp(chunk, dim=-1)
