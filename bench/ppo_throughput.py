@@ -6,11 +6,11 @@ warm-up step, left-truncated to 128 tokens, exactly 64 new tokens each (sampling
 value head. GRPO: G=8, 8 prompts x 8 samples per step.
 
 Every contender runs in its own subprocess, one after another (never concurrently), and its peak RSS is that
-process's ru_maxrss (os.wait4). Ours is the product itself (RLHFConfig -> build_engines -> RLTrainer -> fit),
-driven with the same flags a user passes to step3_rlhf/main.py, under the allocator step 3 picks (tcmalloc where
-installed, utils/allocator.py); two extra runs of ours show what that allocator and gradient checkpointing are
-worth (ours_ppo_bf16_glibc, ours_ppo_bf16_checkpointing). The bare decode loop runs under the same allocator
-as ours; TRL runs as it ships (glibc). Peers: TRL's experimental PPOTrainer
+process's ru_maxrss (os.wait4). Ours is the product itself (RLHFConfig -> build_engines -> ExperienceMaker +
+RLTrainer -> fit), driven with the same flags a user passes to step3_rlhf/main.py, under the allocator step 3
+picks (tcmalloc where installed, utils/allocator.py); two extra runs of ours show what that allocator and
+gradient checkpointing are worth (ours_ppo_bf16_glibc, ours_ppo_bf16_checkpointing). The bare decode loop
+runs under the same allocator as ours; TRL runs as it ships (glibc). Peers: TRL's experimental PPOTrainer
 (trl==1.12.0) and TRL 1.16's GRPOTrainer, each from its own `pip install --no-deps --target` dir on
 PYTHONPATH (never a dependency of the toolkit), a bare PyTorch KV-cache decode loop and a matmul probe.
 
@@ -87,6 +87,7 @@ def run_ours(a):
 
     from step3_rlhf.config import RLHFConfig
     from step3_rlhf.engines import build_engines
+    from step3_rlhf.experience_maker import ExperienceMaker
     from step3_rlhf.loop import fit
     from step3_rlhf.main import plan_steps
     from step3_rlhf.prompt_data import collate_prompts
@@ -106,7 +107,8 @@ def run_ours(a):
     items = [{"prompt_input_ids": p, "prompt": tok.decode(p), "meta": {}} for p in ids]
     _, actor_updates, _ = plan_steps(cfg, len(items), 1)
     engines = build_engines(cfg, ctx, actor_updates, ctx.log)
-    trainer = RLTrainer(cfg, engines, tok, ctx, partial(collate_prompts, pad_id=tok.pad_token_id))
+    maker = ExperienceMaker(cfg, engines, tok, ctx, partial(collate_prompts, pad_id=tok.pad_token_id))
+    trainer = RLTrainer(cfg, engines, ctx)
 
     cpu = {}  # CPU seconds per timer, beside the logger's wall seconds
     wall_timer = ctx.log.timer
@@ -120,14 +122,14 @@ def run_ours(a):
 
     ctx.log.timer = dual_timer
     tokens = []  # real (unpadded) tokens per experience batch, for the FLOP rates
-    make = trainer.make_experience
+    make = maker.make_experience
 
     def counted(batch, *args, **kw):
         exp = make(batch, *args, **kw)
         tokens.append(int(exp.attention_mask.sum()))
         return exp
 
-    trainer.make_experience = counted
+    maker.make_experience = counted
     cpu_per_step = []
     pop = ctx.log.pop_timers
 
@@ -137,7 +139,7 @@ def run_ours(a):
         return pop()
 
     ctx.log.pop_timers = pop_both
-    history = fit(trainer, items, steps + 1)
+    history = fit(maker, trainer, items, steps + 1)
     timed, timed_cpu, timed_tokens = history[1:], cpu_per_step[1:], tokens[1:]
     phases = ("generation", "experience", "training")
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
@@ -149,7 +151,7 @@ def run_ours(a):
     actor = count(engines.actor)
     reward = count(engines.reward_fn.reward_engine) if engines.reward_fn.reward_engine is not None else 0
     critic = count(engines.critic) if engines.critic is not None else 0
-    reused = trainer.reuses_policy_forward(samples)
+    reused = maker.reuses_policy_forward(samples)
     ref = actor if (engines.reference is not None or engines.reference_is_lora_off) else 0
     # passes actually run per step: no-grad forwards in the experience phase, forward+backward of the trained
     # models (the actor's forward is in the experience phase when it is reused there)

@@ -1,9 +1,10 @@
 """Step 3 (RLHF) options: every PPO/GRPO constant is a documented flag with DeepSpeed-Chat's default."""
 from dataclasses import dataclass
 
+from step3_rlhf.algorithms import ALGORITHMS, algorithm
 from utils.options import ConfigError, DataOptions, LoggingOptions, RunOptions, check_common, opt
 
-ALGOS = ("ppo", "grpo", "rloo", "reinforce")
+ALGOS = tuple(ALGORITHMS)
 
 
 @dataclass
@@ -18,7 +19,8 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
                                              "the critic starts from the policy with a fresh value head).")
     tokenizer_name_or_path: str = opt("", "Tokenizer, if not the actor's.")
     trust_remote_code: bool = opt(False, "Allow a Hub model's own Python code to run.")
-    algo: str = opt("ppo", "RL algorithm: ppo (critic + GAE), grpo, rloo, reinforce (critic-free).", choices=ALGOS)
+    algo: str = opt("ppo", "RL algorithm: " + ", ".join(f"{a.name} ({a.summary})" for a in ALGORITHMS.values())
+                    + ".", choices=ALGOS)
     reward: list = opt([], "Reward sources: model:PATH (a step-2 model) and/or rules countdown, gsm8k, format, "
                            "length, package.module:function, each optionally NAME=WEIGHT. Default: "
                            "model:CRITIC_MODEL_NAME_OR_PATH.", nargs="*")
@@ -99,6 +101,16 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
     eval_prompts: int = opt(32, "Held-out prompts for the before/after table (0 = none).")
     local_rank: int = opt(-1, "Set by the deepspeed launcher.")
     threads: int = opt(0, "CPU threads for torch (0 = default).")
+    reuse_policy_forward: bool = opt(True, "With one PPO epoch, one generation batch and one micro-batch per step, "
+                                           "the experience-time actor forward keeps its autograd graph and is also "
+                                           "the update's forward (same numbers, one forward less; never with "
+                                           "dropout, the hybrid engine or ZeRO-3). --no-reuse_policy_forward runs "
+                                           "the two forwards.")
+
+    @property
+    def needs_critic(self) -> bool:
+        """Whether the algorithm trains a critic (read by the shared start-up checks in utils/)."""
+        return algorithm(self.algo).needs_critic
 
     def validate(self):
         if not self.actor_model_name_or_path:
@@ -106,13 +118,15 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
         needs_model_reward = not self.reward or any(r.startswith("model:") for r in self.reward)
         if not self.reward and not self.critic_model_name_or_path:
             raise ConfigError("no reward: pass --critic_model_name_or_path (a step-2 model) or --reward (rules)")
-        if self.algo == "ppo" and not self.critic_model_name_or_path:
+        algo = algorithm(self.algo)
+        if algo.needs_critic and not self.critic_model_name_or_path:
             if needs_model_reward:
-                raise ConfigError("--algo ppo needs --critic_model_name_or_path (the step-2 output dir)")
+                raise ConfigError(f"--algo {self.algo} needs --critic_model_name_or_path (the step-2 output dir)")
             self.critic_model_name_or_path = self.actor_model_name_or_path  # rule rewards: critic from the actor
         self._check_rules_match_task()
-        if self.algo != "ppo" and self.num_generations < 2:
-            raise ConfigError(f"--algo {self.algo} compares samples of one prompt: set --num_generations >= 2")
+        if self.num_generations < algo.min_generations:
+            raise ConfigError(f"--algo {self.algo} compares samples of one prompt: set --num_generations >= "
+                              f"{algo.min_generations}")
         if self.length_groups < 1:
             raise ConfigError(f"--length_groups must be >= 1 (1 = one padded batch), got {self.length_groups}")
         if self.min_answer_seq_len > self.max_answer_seq_len:
@@ -125,8 +139,15 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
         if rows % self.per_device_training_batch_size:
             raise ConfigError(f"--per_device_training_batch_size {self.per_device_training_batch_size} must "
                               f"divide the {rows} sequences of a generation batch")
+        micro = self.generation_batches * rows // self.per_device_training_batch_size
+        # an accumulation window never mixes two steps' experience, nor stays open at the end of the run
+        if self.gradient_accumulation_steps >= 1 and micro % self.gradient_accumulation_steps:
+            raise ConfigError(f"--gradient_accumulation_steps {self.gradient_accumulation_steps} must divide the "
+                              f"{micro} micro-batches of a PPO epoch (--generation_batches x "
+                              "--per_device_generation_batch_size x --num_generations / "
+                              "--per_device_training_batch_size)")
         if not self.loss_agg:
-            self.loss_agg = "token-mean" if self.algo == "ppo" else "seq-mean-token-mean"
+            self.loss_agg = algo.default_loss_agg
         self.zero_stage = self.actor_zero_stage  # read by shared start-up code
         check_common(self)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from step3_rlhf.algorithms import algorithm
 from step3_rlhf.rewards.registry import RuleRewards, parse_reward_specs, split_specs
 from step3_rlhf.experience import RewardFunction
 from utils.engine import build_frozen_engine, build_train_engine
@@ -25,13 +26,12 @@ class Engines:
     use_hybrid: bool = False
 
 
-def needs_reference(cfg) -> bool:
-    return (cfg.algo == "ppo" and cfg.kl_ctl > 0) or (cfg.algo != "ppo" and cfg.beta > 0)
-
-
 def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engines:
     """`total_steps` / `critic_total_steps`: optimizer updates of the actor / critic, the length of their LR
-    schedules (they differ with PTX, which adds an actor update per micro-batch)."""
+    schedules (they differ with PTX, which adds an actor micro-step per micro-batch). The trained engines get
+    --gradient_accumulation_steps: their step() applies the optimizer (and the schedule) once per that many
+    micro-steps, as in DeepSpeed-Chat."""
+    algo = algorithm(cfg.algo)
     specs = parse_reward_specs(cfg.reward or [f"model:{cfg.critic_model_name_or_path}"])
     rule_specs, model_specs = split_specs(specs)
     if len(model_specs) > 1:
@@ -42,7 +42,8 @@ def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engine
                  "own generate() and a KV cache instead")
     micro = cfg.per_device_training_batch_size
     common = dict(world_size=ctx.world_size, dtype=ctx.dtype, total_steps=total_steps,
-                  warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type, grad_accum=1,
+                  warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type,
+                  grad_accum=cfg.gradient_accumulation_steps,
                   grad_clip=cfg.grad_clip, micro_batch=micro)
 
     actor = load_causal_lm(cfg.actor_model_name_or_path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
@@ -61,7 +62,7 @@ def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engine
     # the trained models first: each one's optimizer set-up briefly holds zero gradients of its size, so
     # building the frozen models after them keeps that transient off their memory (a lower start-up peak)
     critic = None
-    if cfg.algo == "ppo":
+    if algo.needs_critic:
         model = load_value_model(cfg.critic_model_name_or_path, dtype=ctx.dtype,
                                  trust_remote_code=cfg.trust_remote_code, dropout=cfg.critic_dropout,
                                  attention=cfg.attn_implementation, fused_layers=cfg.fused_layers,
@@ -75,7 +76,7 @@ def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engine
                                     **{**common, "total_steps": critic_total_steps or total_steps})
 
     reference, lora_off = None, False
-    if needs_reference(cfg):
+    if algo.needs_reference(cfg):
         if cfg.actor_lora_dim and cfg.reference_from_lora and cfg.only_optimize_lora:
             lora_off = True  # base weights are frozen, so actor-without-adapters IS the step-1 model
         else:

@@ -7,7 +7,7 @@ from utils.data.templates import last_user_message
 
 
 @torch.no_grad()
-def evaluate_policy(trainer, items, batch_size, seed):
+def evaluate_policy(maker, items, batch_size, seed):
     """Mean reward and per-sequence KL of the current actor on `items` (sampled with a fixed seed; the
     training RNG stream is left untouched so a resumed run stays identical)."""
     if not items:
@@ -16,13 +16,13 @@ def evaluate_policy(trainer, items, batch_size, seed):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for start in range(0, len(items), batch_size):
-            exp = trainer.make_experience(trainer.collate(items[start:start + batch_size]), sample=False)
+            exp = maker.make(items[start:start + batch_size], sample=False)
             scores.append(exp.scores.float().cpu())
             if exp.ref_logprobs is not None:
                 kls.append(((exp.logprobs - exp.ref_logprobs) * exp.action_mask).sum(1).cpu())
             rows += [{"prompt": p, "response": r, "score": float(s)}
                      for p, r, s in zip(exp.prompts, exp.responses, exp.scores.tolist())]
-    trainer.log.pop_timers()
+    maker.log.pop_timers()
     out = {"reward_mean": torch.cat(scores).mean().item(), "n": len(rows), "samples": rows}
     if kls:
         out["kl_mean"] = torch.cat(kls).mean().item()

@@ -36,7 +36,7 @@ class Experience:
     prompts: list = field(default_factory=list)
     components: dict = field(default_factory=dict)
     # (logp, entropy) of the experience-time actor forward with its autograd graph kept, when that forward IS
-    # the first update's forward (see RLTrainer.make_experience); None otherwise. Never copied by rows().
+    # the first update's forward (see ExperienceMaker.make_experience); None otherwise. Never copied by rows().
     policy_graph: tuple | None = field(default=None, repr=False)
 
     def rows(self, idx):

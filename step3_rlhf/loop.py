@@ -10,26 +10,9 @@ from __future__ import annotations
 import math
 import sys
 
-import torch
-
-from step3_rlhf.experience import Experience
+from step3_rlhf.experience_maker import experience_stats
 from utils.engine import Checkpointer, StopRequest
 from utils.train_loop import epoch_batches, resume, stop_message
-
-
-def experience_stats(exps: list[Experience]) -> dict:
-    scores = torch.cat([e.scores for e in exps]).float()
-    lengths = torch.cat([e.action_mask.sum(1) for e in exps])
-    out = {"reward/mean": scores.mean(), "reward/std": scores.std() if len(scores) > 1 else 0.0,
-           "reward/abs_max": scores.abs().max(),
-           "response/length": lengths.mean(), "response/length_max": lengths.max(),
-           "response/empty_frac": (lengths == 0).float().mean()}
-    if exps[0].ref_logprobs is not None:
-        kl = torch.cat([((e.logprobs - e.ref_logprobs) * e.action_mask).sum(1) for e in exps])
-        out["kl/mean"] = kl.mean()
-    for k in exps[0].components:
-        out[k] = torch.cat([e.components[k].float().cpu() for e in exps]).mean()
-    return {k: float(v) for k, v in out.items()}
 
 
 def check_guards(cfg, stats, step):
@@ -45,8 +28,9 @@ def check_guards(cfg, stats, step):
                                  f"{cfg.kl_guard}; lower the learning rate or raise --kl_ctl")
 
 
-def fit(trainer, prompts, total_steps):
-    """Runs `total_steps` RL steps over `prompts` (resuming if a checkpoint is there); returns per-step stats."""
+def fit(maker, trainer, prompts, total_steps):
+    """Runs `total_steps` RL steps over `prompts` (resuming if a checkpoint is there): per step `maker` makes
+    the experience of `generation_batches` prompt batches and `trainer` updates on it. Returns per-step stats."""
     cfg, ctx, log = trainer.cfg, trainer.ctx, trainer.log
     ckpt = Checkpointer(cfg.output_dir, cfg.save_total_limit, ctx.rank, log, fresh=cfg.no_resume)
     engines = {"actor": trainer.e.actor, **({"critic": trainer.e.critic} if trainer.e.critic is not None else {})}
@@ -68,7 +52,7 @@ def fit(trainer, prompts, total_steps):
         b = batch0 if epoch == epoch0 else 0
         while b < len(batches) and step < total_steps:
             group = batches[b:b + cfg.generation_batches]
-            exps = [trainer.make_experience(trainer.collate([prompts[i] for i in idx])) for idx in group]
+            exps = [maker.make([prompts[i] for i in idx]) for idx in group]
             stats = experience_stats(exps)
             check_guards(cfg, stats, step + 1)
             finite = {"reward": stats["reward/mean"], "KL": stats.get("kl/mean")}

@@ -20,6 +20,7 @@ import math  # noqa: E402
 from step3_rlhf.config import RLHFConfig  # noqa: E402
 from step3_rlhf.engines import build_engines  # noqa: E402
 from step3_rlhf.evaluate import before_after_table, evaluate_policy  # noqa: E402
+from step3_rlhf.experience_maker import ExperienceMaker  # noqa: E402
 from step3_rlhf.prompt_data import collate_prompts, load_prompts, ptx_batches  # noqa: E402
 from step3_rlhf.loop import fit  # noqa: E402
 from step3_rlhf.trainer import RLTrainer  # noqa: E402
@@ -29,14 +30,16 @@ from utils.stage import run_main, start_stage  # noqa: E402
 
 
 def plan_steps(cfg, n_prompts, world_size):
-    """(RL steps, optimizer updates of the actor, of the critic) for the schedules."""
+    """(RL steps, optimizer updates of the actor, of the critic) for the schedules: one engine micro-step per
+    micro-batch (two for the actor with PTX), one optimizer update per --gradient_accumulation_steps of them."""
     batches = math.ceil(math.ceil(n_prompts / world_size) / cfg.per_device_generation_batch_size)
     steps = cfg.max_steps or cfg.num_train_epochs * math.ceil(batches / cfg.generation_batches)
     micro = cfg.generation_batches * cfg.per_device_generation_batch_size * cfg.num_generations \
         // cfg.per_device_training_batch_size
-    critic_updates = steps * cfg.ppo_epochs * micro
-    actor_updates = critic_updates * (2 if cfg.unsupervised_dataset_name else 1)
-    return steps, actor_updates, critic_updates
+    critic_micro_steps = steps * cfg.ppo_epochs * micro
+    actor_micro_steps = critic_micro_steps * (2 if cfg.unsupervised_dataset_name else 1)
+    accum = cfg.gradient_accumulation_steps
+    return steps, math.ceil(actor_micro_steps / accum), math.ceil(critic_micro_steps / accum)
 
 
 def main(argv=None):
@@ -47,10 +50,11 @@ def main(argv=None):
     eval_items = eval_items[: cfg.eval_prompts]
     steps, actor_updates, critic_updates = plan_steps(cfg, len(train_items), ctx.world_size)
     engines = build_engines(cfg, ctx, actor_updates, ctx.log, critic_updates)
-    ptx = ptx_batches(cfg, tokenizer, cfg.per_device_training_batch_size,
-                      cfg.max_prompt_seq_len + cfg.max_answer_seq_len) if cfg.unsupervised_dataset_name else None
-    trainer = RLTrainer(cfg, engines, tokenizer, ctx, functools.partial(collate_prompts, pad_id=tokenizer.pad_token_id),
-                        ptx)
+    ptx = ptx_batches(cfg, tokenizer, cfg.per_device_training_batch_size, cfg.max_prompt_seq_len
+                      + cfg.max_answer_seq_len, ctx.rank, ctx.world_size) if cfg.unsupervised_dataset_name else None
+    maker = ExperienceMaker(cfg, engines, tokenizer, ctx,
+                            functools.partial(collate_prompts, pad_id=tokenizer.pad_token_id))
+    trainer = RLTrainer(cfg, engines, ctx, ptx)
     ctx.log.info(f"{len(train_items)} training prompts, {len(eval_items)} held-out prompts, {steps} steps of "
                  f"{cfg.generation_batches * cfg.per_device_generation_batch_size * cfg.num_generations} samples")
 
@@ -61,12 +65,12 @@ def main(argv=None):
             with open(before_path) as f:
                 before = json.load(f)
         else:
-            before = evaluate_policy(trainer, eval_items, cfg.per_device_generation_batch_size, cfg.seed + 1)
+            before = evaluate_policy(maker, eval_items, cfg.per_device_generation_batch_size, cfg.seed + 1)
             ctx.log.write_json(before_path, before)
 
-    history = fit(trainer, train_items, steps)
+    history = fit(maker, trainer, train_items, steps)
 
-    after = evaluate_policy(trainer, eval_items, cfg.per_device_generation_batch_size, cfg.seed + 1) \
+    after = evaluate_policy(maker, eval_items, cfg.per_device_generation_batch_size, cfg.seed + 1) \
         if eval_items else None
     save_hf_model(engines.actor, tokenizer, os.path.join(cfg.output_dir, "actor"), cfg.actor_zero_stage, ctx.rank)
     if engines.critic is not None:

@@ -101,11 +101,20 @@ def _read_texts(name):
 class PtxBatches:
     """Endless right-padded LM batches (loss on every token) for PTX mixing, in a seeded order that repeats
     each pass. `position` (batches served so far) goes into step-3 checkpoints via `state()`/`load()`, so a
-    resumed run continues with the batch the interrupted one would have used next."""
+    resumed run continues with the batch the interrupted one would have used next.
 
-    def __init__(self, items, batch_size, pad_id, seed):
+    With several processes each rank reads its own shard, as DeepSpeed-Chat's DistributedSampler does: the
+    seeded order (the same on every rank) is padded by repeating its start to a multiple of `world_size`, and
+    rank r takes every world_size-th item from r on: shards of one size, disjoint but for that padding, that
+    together cover the whole set."""
+
+    def __init__(self, items, batch_size, pad_id, seed, rank=0, world_size=1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"PTX shard: rank {rank} is not in [0, {world_size})")
         self.items, self.batch_size, self.pad_id = items, batch_size, pad_id
-        self.order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+        padded = [order[i % len(order)] for i in range(-(-len(order) // world_size) * world_size)]
+        self.order = padded[rank::world_size]
         self.position = 0
 
     def __iter__(self):
@@ -124,8 +133,8 @@ class PtxBatches:
         self.position = int(state["position"])
 
 
-def ptx_batches(cfg, tokenizer, batch_size, max_len) -> PtxBatches:
-    """The PTX batches of --unsupervised_dataset_name (a .txt, a .jsonl with 'text', or a Hub set)."""
+def ptx_batches(cfg, tokenizer, batch_size, max_len, rank=0, world_size=1) -> PtxBatches:
+    """This rank's PTX batches of --unsupervised_dataset_name (a .txt, a .jsonl with 'text', or a Hub set)."""
     texts = _read_texts(cfg.unsupervised_dataset_name)
     if not texts:
         raise DataError(f"{cfg.unsupervised_dataset_name}: no text found for --unsupervised_dataset_name")
@@ -133,4 +142,4 @@ def ptx_batches(cfg, tokenizer, batch_size, max_len) -> PtxBatches:
     for t in texts:
         ids = tokenizer(t, add_special_tokens=True)["input_ids"][:max_len]
         items.append({"input_ids": ids, "labels": ids})
-    return PtxBatches(items, batch_size, tokenizer.pad_token_id, cfg.seed)
+    return PtxBatches(items, batch_size, tokenizer.pad_token_id, cfg.seed, rank, world_size)

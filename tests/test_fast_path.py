@@ -9,6 +9,7 @@
 - the fallbacks (ZeRO-3 parameters, several processes, hybrid engine, unknown families) keep generate().
 """
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from step3_rlhf.config import RLHFConfig
 from step3_rlhf.engines import build_engines
 from step3_rlhf.experience import response_logprobs
+from step3_rlhf.experience_maker import ExperienceMaker
 from step3_rlhf.generation import fast_decode_ok, sample
 from step3_rlhf.prompt_data import collate_prompts, load_prompts
 from step3_rlhf.trainer import RLTrainer
@@ -175,14 +177,15 @@ def _trainer(rl_setup, name, *extra, **cfg_overrides):
     tok = load_tokenizer(actor)
     items, _ = load_prompts(cfg, tok, ctx.log)
     engines = build_engines(cfg, ctx, 10, ctx.log)
-    return RLTrainer(cfg, engines, tok, ctx, functools.partial(collate_prompts, pad_id=tok.pad_token_id)), items
+    maker = ExperienceMaker(cfg, engines, tok, ctx, functools.partial(collate_prompts, pad_id=tok.pad_token_id))
+    return SimpleNamespace(maker=maker, trainer=RLTrainer(cfg, engines, ctx), e=engines, cfg=cfg), items
 
 
-def _one_step(trainer, items, n):
+def _one_step(run, items, n):
     torch.manual_seed(7)  # same samples on both paths
-    exp = trainer.make_experience(trainer.collate(items[:n]))
-    stats = trainer.train_on([exp], step=1)
-    weights = {k: v.detach().clone() for k, v in unwrap(trainer.e.actor).state_dict().items()}
+    exp = run.maker.make(items[:n])
+    stats = run.trainer.train_on([exp], step=1)
+    weights = {k: v.detach().clone() for k, v in unwrap(run.e.actor).state_dict().items()}
     return exp, stats, weights
 
 
@@ -190,7 +193,7 @@ def test_ppo_update_reusing_the_experience_forward_equals_two_forwards(rl_setup)
     batch = ["--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4"]
     fast, items = _trainer(rl_setup, "fast", *batch)
     slow, _ = _trainer(rl_setup, "slow", *batch, reuse_policy_forward=False)
-    assert fast.reuses_policy_forward(4) and not slow.reuses_policy_forward(4)
+    assert fast.maker.reuses_policy_forward(4) and not slow.maker.reuses_policy_forward(4)
     before = {k: v.detach().clone() for k, v in unwrap(fast.e.actor).state_dict().items()}
     exp_f, st_f, w_f = _one_step(fast, items, 4)
     exp_s, st_s, w_s = _one_step(slow, items, 4)
@@ -210,12 +213,12 @@ def test_ppo_update_reusing_the_experience_forward_equals_two_forwards(rl_setup)
 def test_reuse_is_off_where_it_would_change_the_update(rl_setup):
     trainer, _ = _trainer(rl_setup, "cond", "--per_device_generation_batch_size", "4",
                           "--per_device_training_batch_size", "2")
-    assert not trainer.reuses_policy_forward(4)     # two micro-batches: the second sees updated weights
+    assert not trainer.maker.reuses_policy_forward(4)     # two micro-batches: the second sees updated weights
     trainer.cfg.per_device_training_batch_size = 4
-    assert trainer.reuses_policy_forward(4)
-    assert not trainer.reuses_policy_forward(4, sample=False)  # evaluation batches are never trained on
+    assert trainer.maker.reuses_policy_forward(4)
+    assert not trainer.maker.reuses_policy_forward(4, sample=False)  # evaluation batches are never trained on
     trainer.cfg.ppo_epochs = 2
-    assert not trainer.reuses_policy_forward(4)     # the second epoch needs the first epoch's old log-probs
+    assert not trainer.maker.reuses_policy_forward(4)     # the second epoch needs the first epoch's old log-probs
 
 
 def test_grpo_step_with_shared_prefixes_equals_the_straightforward_step(rl_setup, monkeypatch):

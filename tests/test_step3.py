@@ -21,6 +21,7 @@ import step3_rlhf.trainer as rl_trainer
 from step3_rlhf.config import RLHFConfig
 from step3_rlhf.engines import build_engines
 from step3_rlhf.experience import action_mask_from, generate, response_logprobs
+from step3_rlhf.experience_maker import ExperienceMaker
 from step3_rlhf.prompt_data import collate_prompts, load_prompts
 from step3_rlhf.trainer import RLTrainer
 from utils.data.datasets import pad_sequences
@@ -72,21 +73,23 @@ def rl_argv(actor, critic, data, out, *extra):
 
 
 # ----------------------------------------------------------------------------- invariants on built pieces
-def build_trainer(argv):
+def build_trainer(argv, total_steps=10):
+    """(experience maker, trainer, prompt items) of a step-3 run built from `argv`."""
     cfg = parse_config(RLHFConfig, argv)
     ctx = start_stage(cfg, "step3_rlhf")
     tok = load_tokenizer(cfg.actor_model_name_or_path)
     items, _ = load_prompts(cfg, tok, ctx.log)
-    engines = build_engines(cfg, ctx, 10, ctx.log)
-    return RLTrainer(cfg, engines, tok, ctx, functools.partial(collate_prompts, pad_id=tok.pad_token_id)), items
+    engines = build_engines(cfg, ctx, total_steps, ctx.log)
+    maker = ExperienceMaker(cfg, engines, tok, ctx, functools.partial(collate_prompts, pad_id=tok.pad_token_id))
+    return maker, RLTrainer(cfg, engines, ctx), items
 
 
 def test_actor_equal_to_reference_gives_zero_kl_and_unit_ratio(tiny_model_dir, reward_model_dir, prompt_data,
                                                                tmp_path, monkeypatch):
-    trainer, items = build_trainer(rl_argv(tiny_model_dir, reward_model_dir, prompt_data, str(tmp_path / "out"),
+    maker, trainer, items = build_trainer(rl_argv(tiny_model_dir, reward_model_dir, prompt_data, str(tmp_path / "out"),
                                            "--per_device_generation_batch_size", "8",
                                            "--per_device_training_batch_size", "4", "--actor_learning_rate", "1e-3"))
-    exp = trainer.make_experience(trainer.collate(items[:8]))
+    exp = maker.make(items[:8])
     assert exp.action_mask.sum() > 0
     # same weights, same forward: logp - ref is exactly 0 on every token (so the KL penalty is exactly 0)
     assert torch.equal(exp.logprobs * exp.action_mask, exp.ref_logprobs * exp.action_mask)

@@ -2,7 +2,9 @@
 
 Shapes: B = batch, T = response length (tokens after the prompt), V = vocabulary.
 `mask` is a float/bool tensor [B, T]: 1 for real response tokens, 0 after EOS and on padding.
-Masked positions may hold arbitrary (finite) garbage; no result below depends on it.
+Masked positions may hold arbitrary (finite) garbage; no result below depends on it, and no gradient either:
+a log-ratio is zeroed at masked positions before it is exponentiated (a gap of 1e4 after EOS would otherwise
+give exp = inf there and 0 * inf = nan in the backward, even though the forward masks it out).
 Stats dicts hold detached 0-dim tensors (no .item(), so no device sync inside the loss).
 """
 import torch
@@ -143,13 +145,19 @@ def pairwise_accuracy(chosen_scores, rejected_scores):
 
 
 # ----------------------------------------------------------------------------- PPO (step 3)
-def kl_k3(logprobs, ref_logprobs):
-    """k3 KL estimator per token: exp(d) - d - 1 with d = ref - logp; >= 0, 0 iff equal.
+def masked_log_ratio(logprobs, other_logprobs, mask=None):
+    """logprobs - other_logprobs, 0 where mask == 0: what is exponentiated stays finite at masked positions."""
+    d = logprobs - other_logprobs
+    return d if mask is None else torch.where(mask != 0, d, torch.zeros_like(d))
+
+
+def kl_k3(logprobs, ref_logprobs, mask=None):
+    """k3 KL estimator per token: exp(d) - d - 1 with d = ref - logp; >= 0, 0 iff equal (and 0 where mask == 0).
 
     Unbiased for KL(pi || ref) on samples from pi, with low variance (Schulman's "k3").
     expm1 keeps tiny d exact; the clamp removes last-ulp negatives.
     """
-    d = ref_logprobs - logprobs
+    d = masked_log_ratio(ref_logprobs, logprobs, mask)
     return (torch.expm1(d) - d).clamp(min=0.0)
 
 
@@ -211,11 +219,12 @@ def aggregate_loss(loss_mat, mask, loss_agg, max_len=None):
     raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGGS}")
 
 
-def _clipped_surrogate(logprobs, old_logprobs, advantages, cliprange):
-    """Per-token max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)); [B] advantages broadcast over T."""
+def _clipped_surrogate(logprobs, old_logprobs, advantages, cliprange, mask):
+    """Per-token max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)); [B] advantages broadcast over T.
+    ratio = 1 at masked positions."""
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp(masked_log_ratio(logprobs, old_logprobs, mask))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     return torch.maximum(unclipped, clipped), ratio, (clipped > unclipped)
@@ -226,7 +235,7 @@ def _policy_stats(ratio, is_clipped, logprobs, old_logprobs, mask):
     with torch.no_grad():
         return {
             "clipfrac": masked_mean(is_clipped.float(), mask),
-            "approx_kl": masked_mean(kl_k3(old_logprobs, logprobs), mask),
+            "approx_kl": masked_mean(kl_k3(old_logprobs, logprobs, mask), mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
 
@@ -236,7 +245,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange, loss_ag
 
     advantages may be [B, T] (PPO/GAE) or [B] (one per sequence). Returns (loss, stats).
     """
-    loss_mat, ratio, is_clipped = _clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)
+    loss_mat, ratio, is_clipped = _clipped_surrogate(logprobs, old_logprobs, advantages, cliprange, mask)
     loss = aggregate_loss(loss_mat, mask, loss_agg, max_len)
     return loss, _policy_stats(ratio, is_clipped, logprobs, old_logprobs, mask)
 
@@ -296,14 +305,9 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange,
     """
     if old_logprobs is None:
         old_logprobs = logprobs.detach()
-    loss_mat, ratio, is_clipped = _clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)
+    loss_mat, ratio, is_clipped = _clipped_surrogate(logprobs, old_logprobs, advantages, cliprange, mask)
     stats = _policy_stats(ratio, is_clipped, logprobs, old_logprobs, mask)
-    if beta:
-        if ref_logprobs is None:
-            raise ValueError("grpo_loss with beta > 0 needs ref_logprobs")
-        kl = kl_k3(logprobs, ref_logprobs)
-        loss_mat = loss_mat + beta * kl
-        stats["kl"] = masked_mean(kl.detach(), mask)
+    loss_mat = _add_kl_term(loss_mat, logprobs, ref_logprobs, mask, beta, stats, "grpo_loss")
     return aggregate_loss(loss_mat, mask, loss_agg, max_len), stats
 
 
@@ -314,12 +318,17 @@ def reinforce_loss(logprobs, advantages, mask, loss_agg="token-mean", max_len=No
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
-    loss_mat = -advantages * logprobs
     stats = {}
-    if beta:
-        if ref_logprobs is None:
-            raise ValueError("reinforce_loss with beta > 0 needs ref_logprobs")
-        kl = kl_k3(logprobs, ref_logprobs)
-        loss_mat = loss_mat + beta * kl
-        stats["kl"] = masked_mean(kl.detach(), mask)
+    loss_mat = _add_kl_term(-advantages * logprobs, logprobs, ref_logprobs, mask, beta, stats, "reinforce_loss")
     return aggregate_loss(loss_mat, mask, loss_agg, max_len), stats
+
+
+def _add_kl_term(loss_mat, logprobs, ref_logprobs, mask, beta, stats, caller):
+    """loss_mat + beta * k3(logp, ref) per token, its masked mean into stats["kl"]; loss_mat as is if beta == 0."""
+    if not beta:
+        return loss_mat
+    if ref_logprobs is None:
+        raise ValueError(f"{caller} with beta > 0 needs ref_logprobs")
+    kl = kl_k3(logprobs, ref_logprobs, mask)
+    stats["kl"] = masked_mean(kl.detach(), mask)
+    return loss_mat + beta * kl

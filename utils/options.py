@@ -209,7 +209,7 @@ def _check_ranges(cfg):
 def _check_deepspeed(cfg):
     """Combinations DeepSpeed rejects, or accepts and silently ignores (which is worse)."""
     rl = hasattr(cfg, "actor_zero_stage")
-    stages = [cfg.actor_zero_stage] + ([cfg.critic_zero_stage] if cfg.algo == "ppo" else []) if rl \
+    stages = [cfg.actor_zero_stage] + ([cfg.critic_zero_stage] if cfg.needs_critic else []) if rl \
         else [getattr(cfg, "zero_stage", 0)]
     if getattr(cfg, "offload", False) and min(stages) == 0:
         flags = "--actor_zero_stage/--critic_zero_stage" if rl else "--zero_stage"

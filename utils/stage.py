@@ -83,7 +83,7 @@ def reward_model_paths(cfg) -> list[str]:
 def model_locations(cfg) -> list[tuple[str, str]]:
     """(flag, value) of every model/tokenizer the run loads."""
     fields = ["model_name_or_path", "tokenizer_name_or_path", "actor_model_name_or_path"]
-    if getattr(cfg, "algo", "ppo") == "ppo":
+    if getattr(cfg, "needs_critic", True):
         fields.append("critic_model_name_or_path")
     out = [(f, getattr(cfg, f)) for f in fields if getattr(cfg, f, "")]
     return out + [("reward", p) for p in reward_model_paths(cfg) if ("critic_model_name_or_path", p) not in out]
