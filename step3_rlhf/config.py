@@ -140,7 +140,8 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
             raise ConfigError(f"--per_device_training_batch_size {self.per_device_training_batch_size} must "
                               f"divide the {rows} sequences of a generation batch")
         micro = self.generation_batches * rows // self.per_device_training_batch_size
-        # an accumulation window never mixes two steps' experience, nor stays open at the end of the run
+        # an accumulation window then never mixes two steps' experience nor stays open at the end of the run (but
+        # after a micro-batch the non-finite guard skipped: the next one takes its place in the window)
         if self.gradient_accumulation_steps >= 1 and micro % self.gradient_accumulation_steps:
             raise ConfigError(f"--gradient_accumulation_steps {self.gradient_accumulation_steps} must divide the "
                               f"{micro} micro-batches of a PPO epoch (--generation_batches x "

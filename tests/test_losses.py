@@ -347,3 +347,39 @@ def test_masked_positions_change_no_loss():
                for k, v in t.items()}
     for a, b in zip(base, all_losses(garbage)):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_huge_gaps_at_masked_positions_give_finite_hand_gradients():
+    # Row of 2 tokens, the second masked (after EOS) and holding a log-prob gap of 1e4: exp(1e4) = inf there
+    # would make the backward 0 * inf = nan although the forward masks it out.
+    mask = torch.tensor([[1.0, 0.0]])
+    # PPO: old log-prob -1e4 at the masked token (ratio exp(+1e4)); real token ratio exp(0.1) = 1.105171, inside
+    # the clip range, so loss = -A r and d loss / d logp = -A r = -2 * 1.105171 = -2.210342 (token-mean, 1 token).
+    lp = torch.tensor([[-1.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.1, -1e4]])
+    loss, stats = ppo_policy_loss(lp, old, torch.tensor([[2.0, 2.0]]), mask, 0.2)
+    loss.backward()
+    assert close(loss, -2 * math.exp(0.1)) and close(stats["ratio_mean"], math.exp(0.1))
+    assert torch.isfinite(lp.grad).all() and close(lp.grad, [[-2 * math.exp(0.1), 0.0]])
+    # GRPO / REINFORCE k3 term: logp = -1e4 at the masked token (d = ref - logp = 1e4, expm1 = inf there).
+    # Real token: d = ln 2, so d k3 / d logp = -(e^d - 1) = -1; ratio 1 (old = logp), A = 1:
+    # d loss / d logp = -A + beta * (-1) = -1 - 0.1 = -1.1 for both losses.
+    for name in ("grpo", "reinforce"):
+        lp = torch.tensor([[-1.0, -1e4]], requires_grad=True)
+        ref = torch.tensor([[-1.0 + math.log(2.0), 0.0]])
+        adv = torch.tensor([1.0])
+        if name == "grpo":
+            loss, stats = grpo_loss(lp, None, ref, adv, mask, 0.2, 0.1, "token-mean")
+        else:
+            loss, stats = reinforce_loss(lp, adv, mask, "token-mean", ref_logprobs=ref, beta=0.1)
+        loss.backward()
+        assert torch.isfinite(lp.grad).all(), name
+        assert close(lp.grad, [[-1.1, 0.0]]), name
+        assert close(stats["kl"], 1 - math.log(2.0)), name  # k3 = 2 - ln 2 - 1 on the one real token
+
+
+def test_kl_k3_with_a_mask_is_zero_where_masked():
+    logp, ref = torch.tensor([[-1.0, -1e4]]), torch.tensor([[-2.0, 0.0]])
+    kl = kl_k3(logp, ref, torch.tensor([[1.0, 0.0]]))
+    assert close(kl, [[math.exp(-1), 0.0]])  # e^-1 - (-1) - 1 = e^-1 on the real token
+    assert torch.isinf(kl_k3(logp, ref)[0, 1])  # without the mask the masked gap overflows

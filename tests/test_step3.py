@@ -232,6 +232,27 @@ def test_ppo_end_to_end(zero, tiny_model_dir, reward_model_dir, prompt_data, tmp
         assert 0 < ema_step < 0.5 * actor_step
 
 
+def test_gradient_accumulation_divides_the_optimizer_steps(tiny_model_dir, reward_model_dir, prompt_data, tmp_path,
+                                                         monkeypatch):
+    """--gradient_accumulation_steps 2: the engines step their optimizer (and LR schedule) once per 2 micro-steps,
+    and plan_steps sized the schedules for that (both cosine schedules end exactly at lr 0)."""
+    built, real_build = [], rl_main.build_engines
+    monkeypatch.setattr(rl_main, "build_engines", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    argv = rl_argv(tiny_model_dir, reward_model_dir, prompt_data, str(tmp_path / "accum"),
+                   "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "2",
+                   "--max_steps", "3", "--eval_prompts", "0", "--gradient_accumulation_steps", "2",
+                   "--unsupervised_dataset_name", _ptx_file(tmp_path))
+    summary = run_rl(argv)
+    assert summary["steps"] == 3
+    actor, critic = built[0].actor, built[0].critic
+    # 3 steps x 2 micro-batches: 6 critic micro-steps and 12 actor ones (PTX steps the actor once more)
+    assert (actor.micro_steps, actor.global_steps) == (12, 6)
+    assert (critic.micro_steps, critic.global_steps) == (6, 3)
+    assert actor.lr_scheduler.last_epoch == 6 and critic.lr_scheduler.last_epoch == 3
+    assert rl_main.plan_steps(parse_config(RLHFConfig, argv), 100, 1) == (3, 6, 3)
+    assert actor.get_lr()[0] == 0.0 and critic.get_lr()[0] == 0.0
+
+
 def _ptx_file(tmp_path):
     path = tmp_path / "ptx.txt"
     path.write_text("the answer is yes\n\nwhat is the question\n\nhow are you I am good thanks\n\nplease help\n")
