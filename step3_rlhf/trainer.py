@@ -9,7 +9,8 @@ import torch
 
 from step3_rlhf.algorithms import compute_advantages, policy_loss
 from step3_rlhf.engines import EMA, ReferenceScope
-from step3_rlhf.experience import Experience, RewardFunction, generate, response_logprobs, response_values
+from step3_rlhf.experience import Experience, RewardFunction, response_logprobs, response_values
+from step3_rlhf.rollout import actor_scoring_mode, build_rollout
 from utils.engine import NonFiniteGuard
 from utils.losses import masked_mean, sft_loss, value_loss
 
@@ -18,9 +19,9 @@ class RLTrainer:
     def __init__(self, cfg, engines, tokenizer, ctx, collate, ptx=None):
         self.cfg, self.e, self.tok, self.ctx, self.collate, self.ptx = cfg, engines, tokenizer, ctx, collate, ptx
         self.log = ctx.log
-        self.synced = cfg.actor_zero_stage == 3 and ctx.world_size > 1
         self.ema = EMA(engines.actor, cfg.ema_decay, cfg.actor_zero_stage) if cfg.enable_ema else None
         self.guard = NonFiniteGuard(cfg.max_bad_steps, "step3_rlhf")
+        self.rollout = build_rollout(cfg, engines.actor, tokenizer, ctx, self.log, use_hybrid=engines.use_hybrid)
 
     # ------------------------------------------------------------------ experience
     def reuses_policy_forward(self, n_rows, sample=True) -> bool:
@@ -48,8 +49,7 @@ class RLTrainer:
             prompts = [p for p in prompts for _ in range(g)]
             metas = [m for m in metas for _ in range(g)]
         with self.log.timer("time/generation"):
-            seq, action_mask = generate(self.e.actor, ids, mask, cfg, self.tok, self.synced, self.e.use_hybrid,
-                                        group_size=g)
+            seq, action_mask = self.rollout.generate(ids, mask, group_size=g)
         with self.log.timer("time/experience"):
             P, R = ids.shape[1], seq.shape[1] - ids.shape[1]
             attn = torch.cat([mask, action_mask.long()], 1)
@@ -80,7 +80,7 @@ class RLTrainer:
                                               **shared)
                 logp = graph[0].detach()
             else:
-                self.e.actor.eval()
+                actor_scoring_mode(self.e.actor)  # not engine.eval(): the hybrid engine's kernels stay out
                 logp = response_logprobs(self.e.actor, seq, attn, R, cfg.temperature or 1.0, **shared)
             exp = Experience(seq, attn, action_mask, P, logp, ref_logp, values, scores.to(dev),
                              responses=responses, prompts=prompts, components=components, policy_graph=graph)
@@ -139,6 +139,7 @@ class RLTrainer:
                         add("loss/ptx", self._ptx_step())
                     if self.ema is not None:
                         self.ema.update(self.e.actor)
+        self.rollout.sync_weights()  # the next rollout samples from the updated actor
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
     def _ptx_step(self):
