@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from step3_rlhf.config import RLHFConfig
 from step3_rlhf.engines import build_engines
 from step3_rlhf.prompt_data import collate_prompts, load_prompts
-from step3_rlhf.rollout import build_rollout, choose_backend
+from step3_rlhf.rollout import build_rollout, choose_backend, planned_backend
 from step3_rlhf.rollout.hybrid_engine import hybrid_kernels_missing
 from step3_rlhf.trainer import RLTrainer
 from utils.data.synthetic import make_synthetic_preferences, write_jsonl
@@ -99,6 +99,14 @@ def test_backend_choice_and_its_reason(tiny_model_dir, tiny_tokenizer):
     log = Lines()
     rollout = build_rollout(_cfg(generation_backend="hf"), model, tiny_tokenizer, log=log)
     assert rollout.name == "hf" and log.lines == ["generation backend: hf (--generation_backend hf)"]
+
+
+def test_the_plan_names_the_backend_before_any_weights_load(tiny_model_dir):
+    cfg = _cfg(actor_model_name_or_path=tiny_model_dir, trust_remote_code=False)
+    assert planned_backend(cfg)[0] == "fast"
+    assert planned_backend(_cfg(**{**vars(cfg), "enable_hybrid_engine": True}), device_type="cuda")[0] == "hybrid"
+    name, why = planned_backend(_cfg(**{**vars(cfg), "actor_zero_stage": 3}))
+    assert name == "hf" and "ZeRO-3 partitioned parameters" in why
 
 
 def test_a_family_without_hybrid_kernels_falls_back_to_generate(tiny_tokenizer):

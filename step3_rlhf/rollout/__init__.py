@@ -20,7 +20,7 @@ AUTO_ORDER = ("hybrid", "fast", "hf")
 FALLBACK = "hf"
 
 __all__ = ["BACKENDS", "Rollout", "action_mask_from", "actor_scoring_mode", "build_rollout", "choose_backend",
-           "eos_ids", "generate"]
+           "eos_ids", "generate", "planned_backend"]
 
 
 def choose_backend(cfg, actor, use_hybrid=False, synced_gpus=False) -> tuple[str, str]:
@@ -35,6 +35,22 @@ def choose_backend(cfg, actor, use_hybrid=False, synced_gpus=False) -> tuple[str
             return name, "; ".join([f"--generation_backend {want}"] + skipped)
         skipped.append(f"not {name}: {why_not}")
     raise AssertionError(f"the {FALLBACK} backend always runs")  # pragma: no cover
+
+
+def planned_backend(cfg, device_type="cpu", world_size=1) -> tuple[str, str]:
+    """choose_backend before any weights are loaded (a --dry_run plan): the actor's architecture is built on the
+    meta device from its config, and ZeRO-3 partitioning is predicted from --actor_zero_stage."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from utils.models import resolve_model_path
+    remote = getattr(cfg, "trust_remote_code", False)
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.actor_model_name_or_path), trust_remote_code=remote)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+    if cfg.actor_zero_stage == 3:
+        next(model.parameters()).ds_id = 0  # the mark ZeRO-3 puts on the parameters it partitions
+    use_hybrid = cfg.enable_hybrid_engine and device_type == "cuda"
+    return choose_backend(cfg, model, use_hybrid, cfg.actor_zero_stage == 3 and world_size > 1)
 
 
 def build_rollout(cfg, actor, tokenizer, ctx=None, log=None, use_hybrid=None) -> Rollout:

@@ -66,13 +66,19 @@ class Rollout:
 
     @contextmanager
     def generation_mode(self):
-        """The module in eval mode (no dropout) while generating, its previous mode restored after."""
+        """The generating mode for the call, the module's training flag restored after."""
         was_training = self.model.training
-        self.model.eval()
+        self._enter_generation()
         try:
             yield
         finally:
-            self.model.train(was_training)
+            self._leave_generation(was_training)
+
+    def _enter_generation(self):
+        self.model.eval()  # no dropout while sampling
+
+    def _leave_generation(self, was_training):
+        self.model.train(was_training)
 
     def _responses(self, prompt_ids, prompt_mask, group_size, return_logprobs):
         """(responses [B, R'], logprobs [B, R'] or None); R' may be 0."""

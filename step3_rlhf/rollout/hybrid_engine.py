@@ -16,7 +16,6 @@ with a one-line notice.
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 
 from step3_rlhf.rollout.hf_generate import HFRollout
 from utils.models import unwrap
@@ -75,13 +74,10 @@ class HybridRollout(HFRollout):
     def _generate_fn(self):
         return self.actor.generate  # DeepSpeedHybridEngine.generate: gathers (ZeRO-3), fuses, runs the kernels
 
-    @contextmanager
-    def generation_mode(self):
-        was_training = self.model.training
-        self.actor.eval()
-        try:
-            yield
-        finally:
-            self.actor.train()
-            if not was_training:
-                self.model.eval()  # the module's flag back; the engine stays on its training forwards
+    def _enter_generation(self):
+        self.actor.eval()  # the ENGINE's eval(): swaps its inference kernels in
+
+    def _leave_generation(self, was_training):
+        self.actor.train()  # training forwards back before any log-prob forward
+        if not was_training:
+            self.model.eval()  # the module's flag back; the engine stays on its training forwards
