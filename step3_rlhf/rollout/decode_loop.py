@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from step3_rlhf.rollout.base import Rollout
+from utils.models import unwrap
 
 # Decoder-only families whose forward takes (position_ids, cache_position, a Cache, logits_to_keep).
 FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt", "gpt_neox", "olmo", "olmo2",
@@ -147,7 +148,6 @@ class FastRollout(Rollout):
 
     @staticmethod
     def why_not(actor, use_hybrid=False, synced_gpus=False):
-        from utils.models import unwrap
         return fast_decode_reason(unwrap(actor), synced_gpus, use_hybrid)
 
     def _responses(self, prompt_ids, prompt_mask, group_size, return_logprobs):
