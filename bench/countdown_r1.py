@@ -61,7 +61,7 @@ def evaluate_in_child(model, tests, work, name, args):
 def phase_eval(model, tests, out, batch_size, max_new_tokens, threads):
     """Greedy answers to the test prompts (rendered exactly as step 3 renders them); format rate and accuracy."""
     import torch
-    from step3_rlhf.experience import eos_ids
+    from step3_rlhf.rollout import eos_ids
     from step3_rlhf.prompt_data import _tokenize_task
     from step3_rlhf.rewards import countdown_prompt, countdown_reward, format_reward, load_countdown_jsonl
     from utils.data.datasets import collate_left_padded_prompts

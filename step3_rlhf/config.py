@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 from step3_rlhf.algorithms import ALGORITHMS, algorithm
+from step3_rlhf.rollout import BACKENDS as ROLLOUT_BACKENDS
 from utils.options import ConfigError, DataOptions, LoggingOptions, RunOptions, check_common, opt
 
 ALGOS = tuple(ALGORITHMS)
@@ -106,6 +107,15 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
                                            "the update's forward (same numbers, one forward less; never with "
                                            "dropout, the hybrid engine or ZeRO-3). --no-reuse_policy_forward runs "
                                            "the two forwards.")
+    generation_backend: str = opt("auto", "Who samples the rollouts: fast (our decode loop: a KV cache and no "
+                                  "per-token generate() overhead; a plain decoder-only model on one process, no "
+                                  "ZeRO-3 partitioning), hf (the model's generate()), hybrid (DeepSpeed's hybrid "
+                                  "engine: --enable_hybrid_engine on a GPU, model families DeepSpeed has inference "
+                                  "kernels for). auto: hybrid where it can run, else fast where it is exact, else "
+                                  "hf; a backend that cannot run falls back to hf. The choice and its reason are "
+                                  "logged at start. Every backend samples with --temperature/--top_p/--top_k only "
+                                  "(a model's generation_config extras such as repetition_penalty are ignored).",
+                                  choices=["auto", *ROLLOUT_BACKENDS])
 
     @property
     def needs_critic(self) -> bool:
@@ -131,6 +141,7 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
             raise ConfigError(f"--length_groups must be >= 1 (1 = one padded batch), got {self.length_groups}")
         if self.min_answer_seq_len > self.max_answer_seq_len:
             raise ConfigError("--min_answer_seq_len is larger than --max_answer_seq_len")
+        self._check_generation_backend()
         if self.only_optimize_lora and not self.actor_lora_dim:
             raise ConfigError("--only_optimize_lora needs --actor_lora_dim > 0")
         if self.offload and max(self.actor_zero_stage, self.critic_zero_stage) == 0:
@@ -151,6 +162,17 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
             self.loss_agg = algo.default_loss_agg
         self.zero_stage = self.actor_zero_stage  # read by shared start-up code
         check_common(self)
+
+    def _check_generation_backend(self):
+        if self.generation_backend == "hybrid" and not self.enable_hybrid_engine:
+            raise ConfigError("--generation_backend hybrid needs --enable_hybrid_engine (DeepSpeed builds the hybrid "
+                              "engine only then)")
+        if self.enable_hybrid_engine and self.actor_lora_dim:
+            # DeepSpeed fuses LoRA weights it finds as lora_right_weight/lora_left_weight (maybe_get_lora); ours
+            # are lora_A/lora_B, so its kernels would sample from the base model while the adapters train
+            raise ConfigError("--enable_hybrid_engine with --actor_lora_dim: DeepSpeed's inference kernels do not "
+                              "see our LoRA weights and would generate with the base weights only; drop one of "
+                              "the two")
 
     def _check_rules_match_task(self):
         """A task rule reads its answer key from the prompt's meta; on other prompts it would score 0 on

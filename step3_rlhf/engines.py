@@ -38,8 +38,8 @@ def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engine
         raise ValueError("only one model: reward source is supported")
     use_hybrid = cfg.enable_hybrid_engine and ctx.device.type == "cuda"
     if cfg.enable_hybrid_engine and not use_hybrid:
-        log.info("--enable_hybrid_engine: DeepSpeed's inference kernels need a GPU; generating with the model's "
-                 "own generate() and a KV cache instead")
+        log.info("--enable_hybrid_engine: DeepSpeed's inference kernels need a GPU; a plain engine instead (the "
+                 "generation backend line says who generates)")
     micro = cfg.per_device_training_batch_size
     common = dict(world_size=ctx.world_size, dtype=ctx.dtype, total_steps=total_steps,
                   warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type,

@@ -1,9 +1,9 @@
-"""Experience making: generate responses, then score them with every model the algorithm needs.
+"""Experience making: score the rollout's responses (step3_rlhf/rollout) with every model the algorithm needs.
 
-Layout of one batch (written once, here): prompts are LEFT-padded to P tokens, responses follow at
-positions P..P+R-1 and are RIGHT-padded; `action_mask` [B, R] is 1 up to and including each response's
-first EOS and 0 after it. Position ids always come from the attention mask, so left padding never changes
-a log-prob. Everything here runs under no_grad; the trainer recomputes what it trains on.
+The batch layout is the rollout's (rollout/base.py): prompts LEFT-padded to P tokens, responses RIGHT-padded
+after them, `action_mask` [B, R] 1 up to and including each response's first EOS. Position ids always come
+from the attention mask, so left padding never changes a log-prob. Everything here runs under no_grad; the
+trainer recomputes what it trains on.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from utils.losses import entropy_from_logits, gather_last, gather_logprobs
-from utils.models import position_ids_from_mask, unwrap
+from utils.models import position_ids_from_mask
 from utils.padding import run_row_groups
 
 # response positions whose [B, chunk, V] logits are upcast to float32 at once (log-probs, entropy): 16 x 8 rows x
@@ -47,66 +47,6 @@ class Experience:
                           pick(self.advantages), pick(self.returns))
 
 
-def eos_ids(tokenizer, model) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    return sorted(i for i in ids if i is not None)
-
-
-def action_mask_from(responses: torch.Tensor, eos: list[int]) -> torch.Tensor:
-    """1 up to and including the first EOS of each row, 0 after (also when pad == eos)."""
-    is_eos = torch.isin(responses, torch.tensor(eos, device=responses.device))
-    after_first_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    return (~after_first_eos).float()
-
-
-@torch.no_grad()
-def generate(actor, prompt_ids, prompt_mask, cfg, tokenizer, synced_gpus=False, use_hybrid=False, fast=None,
-             return_logprobs=False, group_size=1):
-    """Sample responses; returns (sequences [B, P+R], action_mask [B, R]) (+ logprobs [B, R] if asked).
-
-    Three generators, picked here:
-    - `use_hybrid`: DeepSpeed's hybrid engine (its inference kernels);
-    - our decode loop (generation.sample: a KV cache and no per-token generate() overhead) for a plain
-      decoder-only model on one process - `fast` None (auto) or True;
-    - otherwise the model's own `generate` with a KV cache (ZeRO-3 / several processes: synced_gpus, and
-      DeepSpeed gathers each layer's parameters as it runs).
-    `return_logprobs` also returns the sampled tokens' log-probs under logits / temperature, as the decode
-    loop saw them (our loop only; None from the others). `group_size`: rows come in groups of copies of one
-    prompt (GRPO), so our loop runs each prompt once and shares its KV cache."""
-    from step3_rlhf.generation import fast_decode_ok, sample
-    model = unwrap(actor)
-    eos = eos_ids(tokenizer, model)
-    was_training = model.training
-    model.eval()
-    logps = None
-    backend = getattr(cfg, "generation_backend", "auto")
-    use_fast = fast if fast is not None else backend != "hf"
-    if use_fast and fast_decode_ok(model, synced_gpus, use_hybrid):
-        out = sample(model, prompt_ids, prompt_mask, max_new_tokens=cfg.max_answer_seq_len,
-                     min_new_tokens=cfg.min_answer_seq_len, eos_ids=eos, pad_id=tokenizer.pad_token_id,
-                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, group_size=group_size,
-                     return_logprobs=return_logprobs)
-        responses, logps = out if return_logprobs else (out, None)
-        seq = torch.cat([prompt_ids, responses], 1)
-    else:
-        gen = actor.generate if use_hybrid else model.generate
-        kwargs = dict(max_new_tokens=cfg.max_answer_seq_len, min_new_tokens=cfg.min_answer_seq_len or None,
-                      do_sample=cfg.temperature > 0, temperature=cfg.temperature if cfg.temperature > 0 else None,
-                      top_p=cfg.top_p if cfg.temperature > 0 else None, top_k=cfg.top_k or None,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, use_cache=True, synced_gpus=synced_gpus)
-        seq = gen(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-    model.train(was_training)
-    responses = seq[:, prompt_ids.shape[1]:]
-    if responses.shape[1] == 0:  # nothing generated at all (max_answer_seq_len 0): one masked pad column
-        responses = torch.full((seq.shape[0], 1), tokenizer.pad_token_id, dtype=seq.dtype, device=seq.device)
-        seq, mask = torch.cat([prompt_ids, responses], 1), torch.zeros_like(responses, dtype=torch.float)
-        return (seq, mask, torch.zeros_like(mask)) if return_logprobs else (seq, mask)
-    mask = action_mask_from(responses, eos)
-    return (seq, mask, logps) if return_logprobs else (seq, mask)
-
-
 def response_logits(model, sequences, attention_mask, n_response, temperature=1.0):
     """Logits [B, R, V] that predict the R response tokens; the LM head runs on those positions only."""
     out = model(input_ids=sequences, attention_mask=attention_mask,
@@ -120,9 +60,9 @@ def response_logprobs(model, sequences, attention_mask, n_response, temperature=
     """log p of the R response tokens [B, R] (float32), and their entropy with `with_entropy`.
     `row_chunk`: without autograd, run at most that many rows at a time (same numbers, less memory).
     `prompt_len` + `group_size`: rows come in groups of copies of one prompt (GRPO); each prompt is then run
-    once per group (generation.shared_prefix_logits) where the model allows it. `length_groups`: run the rows
+    once per group (shared_prefix.shared_prefix_logits) where the model allows it. `length_groups`: run the rows
     in up to that many groups by length, each without its all-padding columns (utils.padding)."""
-    from step3_rlhf.generation import shared_group, shared_prefix_logits
+    from step3_rlhf.shared_prefix import shared_group, shared_prefix_logits
 
     def one(cut, mask, seq):
         P = prompt_len - cut if prompt_len else prompt_len
@@ -158,7 +98,7 @@ class RewardFunction:
         """(total [B], components). `row_chunk`, `prompt_len`, `group_size`, `length_groups`: as in
         response_logprobs; the score is the value at the last real token, which is a response token (the first
         one always is)."""
-        from step3_rlhf.generation import shared_group, shared_prefix_response_values
+        from step3_rlhf.shared_prefix import shared_group, shared_prefix_response_values
         total = torch.zeros(sequences.shape[0], device=sequences.device)
         components = {}
         if self.reward_engine is not None:

@@ -8,7 +8,8 @@ import torch
 
 from step3_rlhf.algorithms import compute_advantages
 from step3_rlhf.engines import ReferenceScope
-from step3_rlhf.experience import Experience, RewardFunction, generate, response_logprobs, response_values
+from step3_rlhf.experience import Experience, RewardFunction, response_logprobs, response_values
+from step3_rlhf.rollout import actor_scoring_mode, build_rollout
 
 
 class ExperienceMaker:
@@ -16,7 +17,7 @@ class ExperienceMaker:
         """`collate`: prompt items -> a left-padded batch (prompt_data.collate_prompts)."""
         self.cfg, self.e, self.tok, self.ctx, self.collate = cfg, engines, tokenizer, ctx, collate
         self.log = ctx.log
-        self.synced = cfg.actor_zero_stage == 3 and ctx.world_size > 1
+        self.rollout = build_rollout(cfg, engines.actor, tokenizer, ctx, self.log, use_hybrid=engines.use_hybrid)
 
     def reuses_policy_forward(self, n_rows, sample=True) -> bool:
         """Whether the experience-time actor forward can also be the first update's forward.
@@ -49,8 +50,7 @@ class ExperienceMaker:
             prompts = [p for p in prompts for _ in range(g)]
             metas = [m for m in metas for _ in range(g)]
         with self.log.timer("time/generation"):
-            seq, action_mask = generate(self.e.actor, ids, mask, cfg, self.tok, self.synced, self.e.use_hybrid,
-                                        group_size=g)
+            seq, action_mask = self.rollout.generate(ids, mask, group_size=g)
         with self.log.timer("time/experience"):
             P, R = ids.shape[1], seq.shape[1] - ids.shape[1]
             attn = torch.cat([mask, action_mask.long()], 1)
@@ -91,7 +91,7 @@ class ExperienceMaker:
             with torch.enable_grad():
                 graph = response_logprobs(self.e.actor, seq, attn, R, temperature, with_entropy=True, **shared)
             return graph[0].detach(), graph
-        self.e.actor.eval()
+        actor_scoring_mode(self.e.actor)  # engine.train() (training forwards, never the hybrid kernels) + no dropout
         return response_logprobs(self.e.actor, seq, attn, R, temperature, **shared), None
 
 

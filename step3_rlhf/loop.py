@@ -59,6 +59,7 @@ def fit(maker, trainer, prompts, total_steps):
             if trainer.guard.check(step + 1, finite, reset=False):  # non-finite: skip the update, count it
                 with log.timer("time/training"):
                     stats.update(trainer.train_on(exps, step + 1))
+                maker.rollout.sync_weights()  # the next rollout samples from the updated actor
             stats.update(log.pop_timers())
             step, b = step + 1, b + len(group)
             history.append(stats)

@@ -1,6 +1,6 @@
 """Equal learning: every speed lever of step 3 gives what the straightforward path gives (issue "Speed and memory").
 
-- our decode loop (step3_rlhf/generation.py) picks generate()'s tokens: greedy and, with the same seed,
+- our decode loop (step3_rlhf/rollout/decode_loop.py) picks generate()'s tokens: greedy and, with the same seed,
   sampled (T=1 and T/top-k/top-p), on tiny Llama and OPT with left padding, EOS and min_new_tokens;
 - a GRPO group's prompt run once and its KV cache shared gives the tokens of G separate prefills;
 - the log-probs the loop reports equal response_logprobs of a full forward;
@@ -19,7 +19,7 @@ from step3_rlhf.config import RLHFConfig
 from step3_rlhf.engines import build_engines
 from step3_rlhf.experience import response_logprobs
 from step3_rlhf.experience_maker import ExperienceMaker
-from step3_rlhf.generation import fast_decode_ok, sample
+from step3_rlhf.rollout.decode_loop import fast_decode_ok, sample
 from step3_rlhf.prompt_data import collate_prompts, load_prompts
 from step3_rlhf.trainer import RLTrainer
 from utils.data.synthetic import make_synthetic_preferences, write_jsonl
@@ -222,15 +222,16 @@ def test_reuse_is_off_where_it_would_change_the_update(rl_setup):
 
 
 def test_grpo_step_with_shared_prefixes_equals_the_straightforward_step(rl_setup, monkeypatch):
-    import step3_rlhf.generation as generation
+    import step3_rlhf.rollout.decode_loop as decode_loop
+    import step3_rlhf.shared_prefix as shared_prefix
     grpo = ["--algo", "grpo", "--num_generations", "4", "--per_device_generation_batch_size", "2",
             "--per_device_training_batch_size", "4"]
     shared, items = _trainer(rl_setup, "grpo_shared", *grpo)
     exp_sh, st_shared, w_shared = _one_step(shared, items, 2)
     # the straightforward step: every prompt prefilled per row, every forward over whole rows
-    real_sample = generation.sample
-    monkeypatch.setattr(generation, "sample", lambda *a, **kw: real_sample(*a, **{**kw, "group_size": 1}))
-    monkeypatch.setattr(generation, "shared_group", lambda *a, **kw: 1)
+    real_sample = decode_loop.sample
+    monkeypatch.setattr(decode_loop, "sample", lambda *a, **kw: real_sample(*a, **{**kw, "group_size": 1}))
+    monkeypatch.setattr(shared_prefix, "shared_group", lambda *a, **kw: 1)
     separate, _ = _trainer(rl_setup, "grpo_separate", *grpo)
     exp_sep, st_sep, w_sep = _one_step(separate, items, 2)
     assert torch.equal(exp_sh.sequences, exp_sep.sequences)
@@ -246,7 +247,7 @@ def test_grpo_step_with_shared_prefixes_equals_the_straightforward_step(rl_setup
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_shared_prefix_forward_and_its_gradient_equal_full_rows(arch, tiny_model_dir, tiny_opt_dir):
     from step3_rlhf.experience import response_logits
-    from step3_rlhf.generation import shared_group, shared_prefix_logits
+    from step3_rlhf.shared_prefix import shared_group, shared_prefix_logits
     path = tiny_model_dir if arch == "llama" else tiny_opt_dir
     model, tok = _model(path), AutoTokenizer.from_pretrained(path)
     ids, mask = _prompts(tok, n=2)

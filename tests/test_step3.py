@@ -20,8 +20,9 @@ import step3_rlhf.main as rl_main
 import step3_rlhf.trainer as rl_trainer
 from step3_rlhf.config import RLHFConfig
 from step3_rlhf.engines import build_engines
-from step3_rlhf.experience import action_mask_from, generate, response_logprobs
+from step3_rlhf.experience import response_logprobs
 from step3_rlhf.experience_maker import ExperienceMaker
+from step3_rlhf.rollout import action_mask_from, generate
 from step3_rlhf.prompt_data import collate_prompts, load_prompts
 from step3_rlhf.trainer import RLTrainer
 from utils.data.datasets import pad_sequences

@@ -1,33 +1,50 @@
-"""Our own sampling loop for step 3: the model's forward, a static KV cache, and nothing else per token.
+"""The "fast" rollout backend: our own sampling loop - the model's forward, a KV cache, and nothing else per token.
 
 Why: `model.generate` re-does a lot of work for every new token (input preparation, mask conversion, logits
 processors, stopping criteria, cache growth by concatenation); for the small models and short answers of RLHF on
-a CPU that overhead is a large part of generation time. This loop keeps the cache in one preallocated buffer
-(transformers' StaticCache), builds positions and the mask once, and samples with the same rules as
+a CPU that overhead is a large part of generation time. This loop builds positions and the mask once, can keep
+the cache in one preallocated buffer (transformers' StaticCache), and samples with the same rules as
 `generate` (min_new_tokens forbids EOS, then temperature, top-k, top-p; rows that ended emit pad), so greedy
 decoding gives generate()'s tokens (tests/test_fast_path.py).
 
-It is used only where it is known to be right: a plain (non-ZeRO-3-partitioned) decoder-only model on one
-process, no hybrid engine. ZeRO-3, several processes (synced_gpus) and DeepSpeed's hybrid engine keep
-`model.generate` (see experience.generate).
+It is used only where it is known to be right (`fast_decode_reason`): a plain (non-ZeRO-3-partitioned)
+decoder-only model of a family whose forward takes a cache, on one process, no hybrid engine. ZeRO-3 across
+several processes (synced_gpus) and DeepSpeed's hybrid engine keep `generate` (hf_generate.py,
+hybrid_engine.py).
 """
 from __future__ import annotations
 
 import torch
+
+from step3_rlhf.rollout.base import Rollout
+from utils.models import unwrap
 
 # Decoder-only families whose forward takes (position_ids, cache_position, a Cache, logits_to_keep).
 FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "opt", "gpt_neox", "olmo", "olmo2",
                  "smollm3", "granite", "cohere", "starcoder2", "stablelm", "falcon")
 
 
-def fast_decode_ok(model, synced_gpus=False, use_hybrid=False) -> bool:
-    """True where `sample` may replace `model.generate` (see the module docstring)."""
-    if synced_gpus or use_hybrid or getattr(model.config, "is_encoder_decoder", False):
-        return False
-    if getattr(model.config, "model_type", "") not in FAST_FAMILIES:
-        return False
+def fast_decode_reason(model, synced_gpus=False, use_hybrid=False) -> str | None:
+    """None where `sample` may replace `model.generate`, else why not (see the module docstring). The same on
+    every rank: it reads the config, the model family and whether parameters are ZeRO-3 partitioned."""
+    if synced_gpus:
+        return "ZeRO-3 across several processes (every rank must gather weights in lockstep: synced_gpus)"
+    if use_hybrid:
+        return "DeepSpeed's hybrid engine generates"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    family = getattr(model.config, "model_type", "")
+    if family not in FAST_FAMILIES:
+        return f"model type {family!r} is not one the loop is tested on ({', '.join(FAST_FAMILIES)})"
     # ZeRO-3 partitions parameters (ds_id) and gathers them in forward hooks: leave that to generate().
-    return not any(hasattr(p, "ds_id") for p in model.parameters())
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return "ZeRO-3 partitioned parameters"
+    return None
+
+
+def fast_decode_ok(model, synced_gpus=False, use_hybrid=False) -> bool:
+    """True where `sample` may replace `model.generate`."""
+    return fast_decode_reason(model, synced_gpus, use_hybrid) is None
 
 
 def _make_cache(model, max_len, static):
@@ -37,7 +54,7 @@ def _make_cache(model, max_len, static):
     return DynamicCache(config=model.config)
 
 
-def _grouped(ids, mask, g):
+def grouped(ids, mask, g):
     """Whether rows i*g .. i*g+g-1 are copies of one prompt (ids and mask)."""
     return torch.equal(ids, ids[::g].repeat_interleave(g, 0)) and torch.equal(mask, mask[::g].repeat_interleave(g, 0))
 
@@ -75,7 +92,7 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_ids, pad_id, m
     decode equally fast (bench/ppo_throughput.py), and only the growing one can share a group's prefix."""
     B, P = prompt_ids.shape
     dev = prompt_ids.device
-    shared = group_size > 1 and B % group_size == 0 and not static_cache and _grouped(prompt_ids, prompt_mask,
+    shared = group_size > 1 and B % group_size == 0 and not static_cache and grouped(prompt_ids, prompt_mask,
                                                                                           group_size)
     cache = _make_cache(model, P + max_new_tokens, static_cache)
     mask = torch.zeros(B, P + max_new_tokens, dtype=prompt_mask.dtype, device=dev)
@@ -124,59 +141,19 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_ids, pad_id, m
     return (out, logps[:, :n]) if return_logprobs else out
 
 
-# ----------------------------------------------------------------------------- shared prompt prefixes
-def shared_group(model, seq, attn, prompt_len, group_size) -> int:
-    """How many consecutive rows of `seq` share one prompt (a divisor of group_size; 1 = no sharing).
+class FastRollout(Rollout):
+    """Our decode loop; returns the sampled tokens' log-probs too, and shares a GRPO group's prompt prefill."""
 
-    Sharing needs rows that are copies of one prompt in the first `prompt_len` columns, a model our decode
-    loop supports (a plain cache-taking forward, no ZeRO-3), and no gradient checkpointing (it turns the cache
-    off under autograd; it is checked without autograd too, so old and new log-probs take the same path)."""
-    import math
-    from utils.models import unwrap
-    if not prompt_len or group_size < 2:
-        return 1
-    g = math.gcd(group_size, seq.shape[0])
-    hf = unwrap(model)
-    checkpointing = getattr(hf, "is_activation_checkpointing", None)  # transformers >= 5; older: the other name
-    if checkpointing is None:
-        checkpointing = getattr(hf, "is_gradient_checkpointing", False)
-    if g < 2 or not fast_decode_ok(hf) or checkpointing:
-        return 1
-    return g if _grouped(seq[:, :prompt_len], attn[:, :prompt_len], g) else 1
+    name = "fast"
 
+    @staticmethod
+    def why_not(actor, use_hybrid=False, synced_gpus=False):
+        return fast_decode_reason(unwrap(actor), synced_gpus, use_hybrid)
 
-def shared_prefix_logits(model, seq, attn, prompt_len, n_response, group):
-    """Logits [B, R, V] predicting the R response tokens, with each prompt run once for its `group` rows.
-
-    The prompt's forward fills a KV cache that is copied to the group's rows (autograd flows back through the
-    copy into the one prompt forward), then the responses run on it: the same logits as one full forward per
-    row (to float rounding) for about prompt / (prompt + response) fewer FLOPs per extra row."""
-    from transformers import DynamicCache
-    from utils.models import unwrap
-    P, R = prompt_len, n_response
-    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=unwrap(model).config)
-    head = model(input_ids=seq[::group, :P], attention_mask=attn[::group, :P], position_ids=pos[::group, :P],
-                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits.repeat_interleave(group, 0)
-    if R == 1:
-        return head
-    cache.batch_repeat_interleave(group)
-    tail = model(input_ids=seq[:, P:P + R - 1], attention_mask=attn[:, :P + R - 1], position_ids=pos[:, P:P + R - 1],
-                 past_key_values=cache, use_cache=True).logits
-    return torch.cat([head, tail], 1)
-
-
-def shared_prefix_response_values(value_model, seq, attn, prompt_len, group):
-    """A value model's per-token values [B, R] (float32) on the response positions, prompts run once per group."""
-    from transformers import DynamicCache
-    from utils.models import unwrap, value_head
-    hf = unwrap(value_model)
-    P = prompt_len
-    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=hf.config)
-    hf.base_model(input_ids=seq[::group, :P], attention_mask=attn[::group, :P], position_ids=pos[::group, :P],
-                  past_key_values=cache, use_cache=True)
-    cache.batch_repeat_interleave(group)
-    hidden = hf.base_model(input_ids=seq[:, P:], attention_mask=attn, position_ids=pos[:, P:], past_key_values=cache,
-                           use_cache=True).last_hidden_state
-    return value_head(hf)(hidden).squeeze(-1).float()
+    def _responses(self, prompt_ids, prompt_mask, group_size, return_logprobs):
+        cfg = self.cfg
+        out = sample(self.model, prompt_ids, prompt_mask, max_new_tokens=cfg.max_answer_seq_len,
+                     min_new_tokens=cfg.min_answer_seq_len, eos_ids=self.eos, pad_id=self.pad_id,
+                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, group_size=group_size,
+                     return_logprobs=return_logprobs)
+        return out if return_logprobs else (out, None)
