@@ -50,7 +50,7 @@ def _parse(expr: str, max_len: int) -> ast.AST:
         raise UnsafeExpression(f"not a valid expression: {type(err).__name__}") from None
 
 
-def _check_shape(tree: ast.AST, max_nodes: int) -> None:
+def _check_shape(tree: ast.AST, max_nodes: int, allow_unary: bool) -> None:
     """Reject any disallowed node and trees with more than ``max_nodes`` value nodes.
 
     ``ast.walk`` is iterative, so this cannot recurse deeply even on odd trees.
@@ -63,8 +63,8 @@ def _check_shape(tree: ast.AST, max_nodes: int) -> None:
                 raise UnsafeExpression(f"more than {max_nodes} nodes")
         if isinstance(node, ast.BinOp) and type(node.op) not in _BINARY_OPS:
             raise UnsafeExpression(f"operator {type(node.op).__name__} is not allowed")
-        elif isinstance(node, ast.UnaryOp) and type(node.op) not in _UNARY_OPS:
-            raise UnsafeExpression(f"operator {type(node.op).__name__} is not allowed")
+        elif isinstance(node, ast.UnaryOp) and (not allow_unary or type(node.op) not in _UNARY_OPS):
+            raise UnsafeExpression(f"unary operator {type(node.op).__name__} is not allowed")
         elif isinstance(node, ast.Constant):
             # bool is a subclass of int; complex and str are not numbers we accept.
             if type(node.value) not in (int, float):
@@ -96,16 +96,18 @@ def _evaluate(node: ast.AST, max_abs: float) -> float:
     return _checked(_BINARY_OPS[type(node.op)](left, right), max_abs)
 
 
-def safe_eval(expr: str, max_len: int = 200, max_abs: float = 1e12, max_nodes: int = 64) -> float:
+def safe_eval(expr: str, max_len: int = 200, max_abs: float = 1e12, max_nodes: int = 64,
+              allow_unary: bool = True) -> float:
     """Value of an arithmetic expression such as ``"(95 - 37) + 4"`` as a float.
 
     Raises :class:`UnsafeExpression` (a ``ValueError``) for anything that is not numeric literals
     combined with binary ``+ - * /``, unary ``+ -`` and parentheses, for text longer than
     ``max_len``, more than ``max_nodes`` value nodes, any literal or intermediate result with
-    magnitude over ``max_abs``, and division by zero.
+    magnitude over ``max_abs``, and division by zero. ``allow_unary=False`` also rejects unary ``+``/``-``
+    (Countdown: ``-5 + 6`` would use a number -5 that was never given).
     """
     tree = _parse(expr, max_len)
-    _check_shape(tree, max_nodes)
+    _check_shape(tree, max_nodes, allow_unary)
     try:
         return float(_evaluate(tree, max_abs))
     except (RecursionError, MemoryError, OverflowError) as err:
