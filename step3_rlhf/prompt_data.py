@@ -56,9 +56,8 @@ def load_prompts(cfg, tokenizer, log):
     if eval_rows is None:
         tr, ev = carve_eval(len(train_rows), cfg.eval_fraction, cfg.seed)
         train_rows, eval_rows = [train_rows[i] for i in tr], [train_rows[i] for i in ev]
-    items = lambda rows: [_tokenize_task(tokenizer, task.prompt(r, cfg.prompt_style), cfg.max_prompt_seq_len)  # noqa: E731
-                          for r in rows]
-    return items(train_rows), items(eval_rows[: max(cfg.eval_prompts, 1)])
+    item = lambda r: _tokenize_task(tokenizer, task.prompt(r, cfg.prompt_style), cfg.max_prompt_seq_len)  # noqa: E731
+    return [item(r) for r in train_rows], [item(r) for r in eval_rows[: max(cfg.eval_prompts, 1)]]
 
 
 def collate_prompts(batch, pad_id):

@@ -104,7 +104,7 @@ def test_countdown_reward_table(response, expected):
 def test_countdown_division_tolerance_and_duplicates():
     # 133 / 7 = 19, 74 - 19 = 55
     assert countdown_reward(_ans("74 - (96 + 37) / 7"), 55, [96, 7, 37, 74]) == 1.0
-    # 1 / 49 * 49 = 0.9999999999999999 in floats, within 1e-5 of 1
+    # 1 / 49 * 49 = 0.9999999999999999 in floats; the reward computes with fractions: exactly 1
     assert (1 / 49) * 49 != 1
     assert countdown_reward(_ans("(1 / 49) * 49"), 1, [1, 49, 49]) == 1.0
     # 5 / (3 - 3) divides by zero: evaluates to nothing -> format score

@@ -2,6 +2,7 @@
 and the rule-reward exploits a policy can find, each with its expected score."""
 import json
 import time
+from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from step3_rlhf.config import RLHFConfig
 from step3_rlhf.prompt_data import load_prompts
 from step3_rlhf.tasks import TASKS, Task, get_task, register, unregister
-from step3_rlhf.tasks.countdown import countdown_reward
+from step3_rlhf.tasks.countdown import countdown_reward, load_countdown_jsonl
 from step3_rlhf.tasks.format import format_reward, sole_answer
 from step3_rlhf.tasks.gsm8k import gsm8k_reward
 from step3_rlhf.tasks.prompts import jsonl_rows, r1_prompt
@@ -44,7 +45,8 @@ def test_register_refuses_clashes(task, fragment):
 
 # A toy task, defined and registered here only: reward 1 when the answer repeats a number of the prompt.
 def _echo_prompt(row, style):
-    return r1_prompt(f"Repeat one of these numbers: {row['numbers']}.", style, {"task": "echo", "numbers": row["numbers"]})
+    question = f"Repeat one of these numbers: {row['numbers']}."
+    return r1_prompt(question, style, {"task": "echo", "numbers": row["numbers"]})
 
 
 def _echo_load(path):
@@ -114,6 +116,13 @@ def test_unregistered_task_is_gone(echo_task):
 
 # ---------------------------------------------------------------- Countdown exploits
 
+def test_countdown_loader_refuses_negative_numbers(tmp_path):
+    path = tmp_path / "neg.jsonl"
+    path.write_text(json.dumps({"target": 1, "nums": [3, -2]}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"neg.jsonl:1: field 'nums': expected a non-empty list of non-negative"):
+        load_countdown_jsonl(str(path))
+
+
 def _ans(equation):
     return f"<think> reasoning </think> <answer>{equation}</answer>"
 
@@ -140,6 +149,8 @@ def _ans(equation):
     (_ans("(95 - 37)(4)"), [95, 37, 4], 62, 0.1),           # implicit product is a call
     (_ans("(95 - 37) + 4 + ()"), [95, 37, 4], 62, 0.1),
     (_ans("5 / 2 * 2"), [5, 2, 2], 5, 1.0),                 # non-integer intermediates are fine (TinyZero)
+    (_ans("(1 / 3) * 3"), [1, 3, 3], 1, 1.0),               # exact: 0.333.. * 3 is 1, no float rounding
+    (_ans("1 / 100001 + 5"), [1, 100001, 5], 5, 0.1),       # 1.0 before: 5.00000999.. was within 1e-5
     (_ans("((95 - 37)) + (4)"), [95, 37, 4], 62, 1.0),      # redundant parentheses are harmless
     (_ans("(95 - 37)\n+ 4"), [95, 37, 4], 62, 1.0),         # a line break is spacing
     (_ans("\t(95 - 37)" + " " * 5000 + "+ 4"), [95, 37, 4], 62, 1.0),
@@ -173,8 +184,10 @@ def test_countdown_huge_responses_are_bounded(response):
     assert time.perf_counter() - start < 1.0  # linear scans only: under 0.2 s per MB when idle
 
 
-def test_safe_eval_caps_and_unary_switch():
+def test_safe_eval_caps_and_switches():
     assert safe_eval("-5 + 6") == 1.0
+    assert safe_eval("(1 / 49) * 49") != 1 and safe_eval("(1 / 49) * 49", exact=True) == 1
+    assert safe_eval("7 / 2", exact=True) == Fraction(7, 2) and safe_eval("0.5", exact=True) == Fraction(1, 2)
     for expr in ("-5 + 6", "+6 - 5", "5 * -1"):
         with pytest.raises(UnsafeExpression, match="unary"):
             safe_eval(expr, allow_unary=False)

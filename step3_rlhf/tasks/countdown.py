@@ -16,13 +16,15 @@ Scoring rule (``--reward countdown``), TinyZero's ``countdown.compute_score`` va
   - uses a unary sign (``-5 + 6`` writes a number -5 that was not given),
   - fails to evaluate (syntax, division by zero, over :func:`safe_eval`'s caps: 200 characters after
     whitespace is collapsed, 64 nodes, magnitude 1e12), or misses the target;
-* ``score`` (1.0) when it evaluates to the target within 1e-5; non-integer intermediate values are
-  fine (``5 / 2 * 2`` for [5, 2, 2] -> 5), as in TinyZero; redundant parentheses are fine.
+* ``score`` (1.0) when it equals the target exactly (computed with fractions, so ``(1 / 49) * 49``
+  is 1); non-integer intermediate values are fine (``5 / 2 * 2`` for [5, 2, 2] -> 5), as in TinyZero;
+  redundant parentheses are fine.
 
-Text outside the answer tags is not graded (an equation written before ``<answer>`` does not count).
-Differences from TinyZero, all stricter: :func:`safe_eval` instead of ``eval`` (``9**9**9`` scores
-0.1 instead of hanging the trainer); TinyZero reads ``1.5`` as the numbers 1 and 5, accepts ``05``
-for 5, unary minus, and the last of several answers; it gives 0.1 to an empty answer.
+Only the response is read, and only inside the answer tags (an equation written before ``<answer>``
+does not count). Differences from TinyZero, all stricter: :func:`safe_eval` instead of ``eval``
+(``9**9**9`` scores 0.1 instead of hanging the trainer); TinyZero reads ``1.5`` as the numbers 1 and
+5, accepts ``05`` for 5, unary minus and the last of several answers, gives 0.1 to an empty answer,
+and compares floats within 1e-5 (``1 / 100001 + 5`` hits 5 for [1, 100001, 5]).
 """
 from __future__ import annotations
 
@@ -90,10 +92,10 @@ def countdown_reward(response: str, target: int, nums: list[int], format_score: 
         return format_score
     try:
         # Line breaks inside the answer are just spacing; runs of whitespace count once against max_len.
-        value = safe_eval(" ".join(equation.split()), allow_unary=False)
+        value = safe_eval(" ".join(equation.split()), allow_unary=False, exact=True)
     except UnsafeExpression:
         return format_score
-    return score if abs(value - float(target)) < 1e-5 else format_score
+    return score if value == target else format_score
 
 
 # ---------------------------------------------------------------- solver

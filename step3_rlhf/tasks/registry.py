@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Task", "TASKS", "TaskChoices", "register", "unregister", "get_task", "task_names", "task_of_rule", "RewardFn"]
+__all__ = ["Task", "TASKS", "TaskChoices", "register", "unregister", "get_task", "task_names", "task_of_rule",
+           "RewardFn"]
 
 RewardFn = Callable[[str, str, dict], float]   # fn(prompt, response, meta) -> score
 
