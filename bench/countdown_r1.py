@@ -63,7 +63,8 @@ def phase_eval(model, tests, out, batch_size, max_new_tokens, threads):
     import torch
     from step3_rlhf.rollout import eos_ids
     from step3_rlhf.prompt_data import _tokenize_task
-    from step3_rlhf.rewards import countdown_prompt, countdown_reward, format_reward, load_countdown_jsonl
+    from step3_rlhf.tasks.countdown import countdown_prompt, countdown_reward, load_countdown_jsonl
+    from step3_rlhf.tasks.format import format_reward
     from utils.data.datasets import collate_left_padded_prompts
     from utils.models import load_causal_lm, load_tokenizer, resolve_dtype
     torch.set_num_threads(int(threads))
@@ -100,7 +101,8 @@ def phase_trl(model, prompts_path, out_dir, budget_s, threads, lr, max_new_token
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-    from step3_rlhf.rewards import countdown_prompt, countdown_reward, format_reward, load_countdown_jsonl
+    from step3_rlhf.tasks.countdown import countdown_prompt, countdown_reward, load_countdown_jsonl
+    from step3_rlhf.tasks.format import format_reward
     from utils.models import load_tokenizer, resolve_model_path
     torch.set_num_threads(int(threads))
     path = resolve_model_path(model)
@@ -154,7 +156,7 @@ def trl_available(trl_path):
 # ---------------------------------------------------------------- orchestration
 def prepare(args, work):
     """Held-out test tasks, warm-start SFT rows and RL prompts (disjoint train tasks), all 3-number."""
-    from step3_rlhf.rewards import load_countdown_jsonl
+    from step3_rlhf.tasks.countdown import load_countdown_jsonl
     from step3_rlhf.warm_start import countdown_rows, write_jsonl
     data = os.path.join(args.data_dir, "countdown")
     keep3 = lambda rows: [r for r in rows if len(r["nums"]) == 3]  # noqa: E731

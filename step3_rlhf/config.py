@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 from step3_rlhf.algorithms import ALGORITHMS, algorithm
 from step3_rlhf.rollout import BACKENDS as ROLLOUT_BACKENDS
+from step3_rlhf.tasks import TaskChoices, task_names, task_of_rule
 from utils.options import ConfigError, DataOptions, LoggingOptions, RunOptions, check_common, opt
 
 ALGOS = tuple(ALGORITHMS)
@@ -22,13 +23,13 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
     trust_remote_code: bool = opt(False, "Allow a Hub model's own Python code to run.")
     algo: str = opt("ppo", "RL algorithm: " + ", ".join(f"{a.name} ({a.summary})" for a in ALGORITHMS.values())
                     + ".", choices=ALGOS)
-    reward: list = opt([], "Reward sources: model:PATH (a step-2 model) and/or rules countdown, gsm8k, format, "
-                           "length, package.module:function, each optionally NAME=WEIGHT. Default: "
-                           "model:CRITIC_MODEL_NAME_OR_PATH.", nargs="*")
-    task: str = opt("preference", "Prompt source: preference data (--data_path), or countdown / gsm8k tasks "
-                                  "(--data_path FILE.jsonl [EVAL.jsonl], or 'generate[:N]' for N built-in Countdown "
-                                  "tasks, default 2000).",
-                    choices=["preference", "countdown", "gsm8k"])
+    reward: list = opt([], "Reward sources: model:PATH (a step-2 model) and/or rules (a task's rule, e.g. "
+                           "countdown, gsm8k, needs that --task; format, length fit any), package.module:function, "
+                           "each optionally NAME=WEIGHT. Default: model:CRITIC_MODEL_NAME_OR_PATH.", nargs="*")
+    task: str = opt("preference", "Prompt source: preference data (--data_path), or a task of step3_rlhf/tasks "
+                                  f"({', '.join(task_names())}) with --data_path FILE.jsonl [EVAL.jsonl], "
+                                  "'generate[:N]' for N built-in Countdown tasks (default 2000), or a GSM8K Hub name.",
+                    choices=TaskChoices("preference"))
     prompt_style: str = opt("chat", "R1-Zero prompt style for countdown/gsm8k: the chat template or base text.",
                             choices=["chat", "base"])
     # -- generation
@@ -178,7 +179,8 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
         """A task rule reads its answer key from the prompt's meta; on other prompts it would score 0 on
         every sample (and the run would learn nothing) - say so now instead."""
         names = {part.split("=")[0].strip() for value in self.reward for part in value.split(",")}
-        for rule in ("countdown", "gsm8k"):
-            if rule in names and self.task != rule:
-                raise ConfigError(f"--reward {rule} needs --task {rule} (its prompts carry the answer key); "
+        for rule in sorted(names):
+            owner = task_of_rule(rule)
+            if owner is not None and self.task != owner.name:
+                raise ConfigError(f"--reward {rule} needs --task {owner.name} (its prompts carry the answer key); "
                                   f"got --task {self.task}")

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from step3_rlhf.algorithms import algorithm
-from step3_rlhf.rewards.registry import RuleRewards, parse_reward_specs, split_specs
 from step3_rlhf.experience import RewardFunction
+from step3_rlhf.tasks.rewards import RuleRewards, parse_reward_specs, split_specs
 from utils.engine import build_frozen_engine, build_train_engine
 from utils.lora import set_lora_enabled
 from utils.models import TokenValues, load_causal_lm, load_value_model, unwrap

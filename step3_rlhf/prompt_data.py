@@ -1,4 +1,4 @@
-"""Prompts for step 3 (preference data, Countdown or GSM8K tasks) and the text set for PTX mixing.
+"""Prompts for step 3 (preference data or a registered task, step3_rlhf/tasks) and the text set for PTX mixing.
 
 Every prompt item is {"prompt_input_ids", "prompt" (text), "meta" (what a rule reward needs)}.
 """
@@ -9,8 +9,7 @@ import os
 
 import torch
 
-from step3_rlhf.rewards.countdown import generate_tasks
-from step3_rlhf.rewards.prompts import countdown_prompt, gsm8k_prompt, load_countdown_jsonl, load_gsm8k_jsonl
+from step3_rlhf.tasks import get_task
 from utils.data.datasets import collate_left_padded_prompts, collate_right_padded
 from utils.data.pipeline import prompt_datasets
 from utils.data.rows import DataError
@@ -32,25 +31,17 @@ def _read_task_files(loader, paths):
         raise DataError(str(e)) from None
 
 
-def _task_rows(cfg):
-    path = cfg.data_path[0]
-    if cfg.task == "countdown":
-        name, _, count = path.partition(":")
-        if name in ("generate", "synthetic"):  # built-in solvable 3-number tasks: 'generate' or 'generate:N'
-            if count and not count.isdigit():
-                raise DataError(f"--data_path {path}: expected generate or generate:N (N tasks)")
-            return generate_tasks(int(count or 2000), cfg.seed, num_count=(3, 3)), None
-        return _read_task_files(load_countdown_jsonl, cfg.data_path)
-    if os.path.exists(path):
-        return _read_task_files(load_gsm8k_jsonl, cfg.data_path)
-    try:
-        import datasets
-        ds = datasets.load_dataset(path, "main")
-    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
-        raise DataError(f"cannot load GSM8K '{path}' ({type(e).__name__}); offline? pass a local JSONL of "
-                        "{question, answer}") from None
-    conv = lambda split: [{"question": r["question"], "answer": r["answer"]} for r in ds[split]]  # noqa: E731
-    return conv("train"), conv("test")
+def _task_rows(cfg, task):
+    """(train rows, eval rows or None): the task's own source for --data_path (a generator spec, a Hub name)
+    or its JSONL loader on one or two local files; a bad spec or row is a one-line DataError."""
+    if task.source is not None:
+        try:
+            found = task.source(cfg.data_path[0], cfg.seed)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        if found is not None:
+            return found
+    return _read_task_files(task.load, cfg.data_path)
 
 
 def load_prompts(cfg, tokenizer, log):
@@ -60,14 +51,13 @@ def load_prompts(cfg, tokenizer, log):
         as_items = lambda ds: [{"prompt_input_ids": ds[i]["prompt_input_ids"], "prompt": ds.prompts[i], "meta": {}}  # noqa: E731
                                for i in range(len(ds))]
         return as_items(train), as_items(evals)
-    train_rows, eval_rows = _task_rows(cfg)
+    task = get_task(cfg.task)
+    train_rows, eval_rows = _task_rows(cfg, task)
     if eval_rows is None:
         tr, ev = carve_eval(len(train_rows), cfg.eval_fraction, cfg.seed)
         train_rows, eval_rows = [train_rows[i] for i in tr], [train_rows[i] for i in ev]
-    make = (lambda r: countdown_prompt(r, style=cfg.prompt_style)) if cfg.task == "countdown" else \
-        (lambda r: gsm8k_prompt(r["question"], style=cfg.prompt_style, reference=r["answer"]))
-    items = lambda rows: [_tokenize_task(tokenizer, make(r), cfg.max_prompt_seq_len) for r in rows]  # noqa: E731
-    return items(train_rows), items(eval_rows[: max(cfg.eval_prompts, 1)])
+    item = lambda r: _tokenize_task(tokenizer, task.prompt(r, cfg.prompt_style), cfg.max_prompt_seq_len)  # noqa: E731
+    return [item(r) for r in train_rows], [item(r) for r in eval_rows[: max(cfg.eval_prompts, 1)]]
 
 
 def collate_prompts(batch, pad_id):

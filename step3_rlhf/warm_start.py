@@ -4,13 +4,16 @@ A small model never writes `<think> ... </think> <answer> ... </answer>` on its 
 gives it nothing to learn from (every sample scores 0). The classic pipeline's answer is a short SFT
 first. This writes that SFT set:
 
-* Countdown: the project's solver (`rewards.countdown.solution_text`) writes each solution, spelling
+* Countdown: the project's solver (`tasks.countdown.solution_text`) writes each solution, spelling
   out the intermediate operations in the think part;
 * GSM8K: the data set's own worked solution (calculator notes `<<a*b=c>>` removed) is the think part,
   the number after `####` the answer.
 
+Each task supplies its solution text (`Task.solution` in step3_rlhf/tasks), so any registered task with one
+works here.
+
 Rows use the SFT-only layout the data layer reads (`{"prompt": [messages], "response": text}`, see
-utils/data/formats.map_generic), with the SAME system/user messages `--task countdown|gsm8k` puts in
+utils/data/formats.map_generic), with the SAME system/user messages `--task TASK` puts in
 front of the policy in step 3. Step 1 renders them with the chat template, the step-3 prompt is that
 same rendering followed by "<think>", and every response here starts with "<think>": so the tokens of
 a step-3 prompt are exactly the first tokens of a step-1 sequence (`rendering_matches` checks it), and
@@ -25,19 +28,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 if __package__ in (None, ""):  # `python step3_rlhf/warm_start.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from step3_rlhf.rewards.countdown import generate_tasks, solution_text  # noqa: E402
-from step3_rlhf.rewards.gsm8k import extract_reference  # noqa: E402
+from step3_rlhf.tasks import Task, get_task, task_names  # noqa: E402
+from step3_rlhf.tasks.prompts import THINK_OPEN, TaskPrompt  # noqa: E402
 from utils.data.synthetic import write_json_lines as write_jsonl  # noqa: E402
-from step3_rlhf.rewards.prompts import (THINK_OPEN, TaskPrompt, countdown_prompt, gsm8k_prompt, load_countdown_jsonl,  # noqa: E402
-                                        load_gsm8k_jsonl)
-
-_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
 
 
 def sft_row(task_prompt: TaskPrompt, reply: str) -> dict:
@@ -50,29 +48,23 @@ def sft_row(task_prompt: TaskPrompt, reply: str) -> dict:
     return {"prompt": [dict(m) for m in task_prompt.messages], "response": reply}
 
 
-def countdown_rows(tasks: list[dict], style: str = "chat") -> list[dict]:
-    """Rows for Countdown tasks `{target, nums}`; unsolvable tasks are left out."""
-    rows = []
-    for task in tasks:
+def task_rows(task: Task, rows: list[dict], style: str = "chat") -> list[dict]:
+    """Warm-start rows for a task's rows; rows without a solution (the task raises ValueError) are left out."""
+    if task.solution is None:
+        raise ValueError(f"task {task.name!r} has no warm-start solution text")
+    out = []
+    for row in rows:
         try:
-            reply = solution_text(task["nums"], task["target"], include_think_open=True)
+            reply = task.solution(row)
         except ValueError:
             continue
-        rows.append(sft_row(countdown_prompt(task, style=style), reply))
-    return rows
+        out.append(sft_row(task.prompt(row, style), reply))
+    return out
 
 
-def gsm8k_solution(answer_field: str) -> str:
-    """`<think> worked solution </think> <answer>N</answer>` from a GSM8K answer field."""
-    reference = extract_reference(answer_field)
-    work = _CALCULATOR_NOTE.sub("", answer_field.rsplit("####", 1)[0]).strip()
-    return f"<think> {work} </think> <answer>{reference}</answer>"
-
-
-def gsm8k_rows(items: list[dict], style: str = "chat") -> list[dict]:
-    """Rows for GSM8K items `{question, answer}` (answer with its `#### N` line)."""
-    return [sft_row(gsm8k_prompt(r["question"], style=style, reference=r["answer"]), gsm8k_solution(r["answer"]))
-            for r in items]
+def countdown_rows(tasks: list[dict], style: str = "chat") -> list[dict]:
+    """Rows for Countdown tasks `{target, nums}`; unsolvable tasks are left out."""
+    return task_rows(get_task("countdown"), tasks, style)
 
 
 def rendering_matches(tokenizer, task_prompt: TaskPrompt, row: dict) -> bool:
@@ -91,31 +83,29 @@ def build_rows(task: str, data_path: str, n: int = 0, seed: int = 1234, num_coun
                style: str = "chat") -> list[dict]:
     """Read (or generate) tasks and return at most `n` warm-start rows (0 = all).
 
-    `num_count` keeps only Countdown tasks with that many numbers (0 = any)."""
-    if task == "countdown":
-        if data_path in ("generate", "synthetic"):
-            counts = (num_count, num_count) if num_count else (3, 4)
-            tasks = generate_tasks(n or 2000, seed, num_count=counts)
-        else:
-            tasks = [t for t in load_countdown_jsonl(data_path) if not num_count or len(t["nums"]) == num_count]
-        rows = countdown_rows(tasks[:n] if n else tasks, style)
-    elif task == "gsm8k":
-        items = load_gsm8k_jsonl(data_path)
-        rows = gsm8k_rows(items[:n] if n else items, style)
+    `num_count` keeps only tasks of that size (Countdown: that many numbers; 0 = any)."""
+    spec = get_task(task)
+    if num_count and spec.size is None:
+        raise ValueError(f"--num_count: task {task!r} has no task size")
+    if data_path in ("generate", "synthetic"):
+        if spec.generate is None:
+            raise ValueError(f"--data_path {data_path}: task {task!r} has no generator; pass a JSONL file")
+        rows = spec.generate(n or 2000, seed, num_count)
     else:
-        raise ValueError(f"unknown task {task!r}; expected countdown or gsm8k")
-    return rows
+        rows = [r for r in spec.load(data_path) if not num_count or spec.size(r) == num_count]
+    return task_rows(spec, rows[:n] if n else rows, style)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=["countdown", "gsm8k"], default="countdown")
+    p.add_argument("--task", choices=task_names(), default="countdown", help="A task of step3_rlhf/tasks.")
     p.add_argument("--data_path", default="generate",
                    help="A JSONL of tasks ({target, nums} or {question, answer}); 'generate' for built-in Countdown.")
     p.add_argument("--out", required=True, help="Output JSONL (prompt/response rows for step 1).")
     p.add_argument("--n", type=int, default=0, help="Rows to write (0 = every task; 2000 when generating).")
-    p.add_argument("--num_count", type=int, default=0, help="Countdown: only tasks with this many numbers (0 = any).")
+    p.add_argument("--num_count", type=int, default=0,
+                   help="Only tasks of this size, e.g. Countdown tasks with this many numbers (0 = any).")
     p.add_argument("--seed", type=int, default=1234, help="Seed of the built-in Countdown generator.")
     p.add_argument("--prompt_style", choices=["chat"], default="chat",
                    help="Must match step 3's --prompt_style (only chat can be rendered by step 1).")

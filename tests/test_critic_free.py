@@ -11,8 +11,9 @@ import torch
 from step3_rlhf.algorithms import compute_advantages, policy_loss
 from step3_rlhf.config import RLHFConfig
 from step3_rlhf.main import main as rl_main
-from step3_rlhf.rewards.prompts import countdown_prompt
-from step3_rlhf.warm_start import build_rows, countdown_rows, gsm8k_solution, rendering_matches, write_jsonl
+from step3_rlhf.tasks.countdown import countdown_prompt
+from step3_rlhf.tasks.gsm8k import gsm8k_solution
+from step3_rlhf.warm_start import build_rows, countdown_rows, rendering_matches, write_jsonl
 from utils.data.readers import read_source
 from utils.options import ConfigError, build_parser
 

@@ -5,13 +5,13 @@ import time
 
 import pytest
 
-from step3_rlhf.rewards.countdown import countdown_reward, extract_answer, generate_tasks, solution_text, solve
-from step3_rlhf.rewards.format import format_reward, length_reward
-from step3_rlhf.rewards.gsm8k import extract_model_answer, extract_reference, gsm8k_reward, numbers_equal
-from step3_rlhf.rewards.prompts import (countdown_prompt, gsm8k_prompt, load_countdown_jsonl,
-                                        load_gsm8k_jsonl)
-from step3_rlhf.rewards.registry import ModelRewardSpec, RuleRewards, RuleSpec, parse_reward_specs, split_specs
-from step3_rlhf.rewards.safe_arith import UnsafeExpression, safe_eval
+from step3_rlhf.tasks.countdown import (countdown_prompt, countdown_reward, generate_tasks, load_countdown_jsonl,
+                                        solution_text, solve)
+from step3_rlhf.tasks.format import extract_answer, format_reward, length_reward
+from step3_rlhf.tasks.gsm8k import (extract_model_answer, extract_reference, gsm8k_prompt, gsm8k_reward,
+                                    load_gsm8k_jsonl, numbers_equal)
+from step3_rlhf.tasks.rewards import ModelRewardSpec, RuleRewards, RuleSpec, parse_reward_specs, split_specs
+from step3_rlhf.tasks.safe_arith import UnsafeExpression, safe_eval
 
 
 # A user reward for the registry tests, imported by name as "tests.test_rewards:my_fn".
@@ -93,7 +93,8 @@ def _ans(equation):
     (_ans("95 - 37 + 4 = 62"), 0.1),              # '=' is not allowed, and 62 is an extra number
     ("(95 - 37) + 4", 0.0),                       # no answer tag
     ("<answer>(95 - 37) + 4", 0.0),               # unclosed tag
-    (_ans("95 - 37 - 4") + " then " + _ans("(95 - 37) + 4"), 1.0),  # the last answer counts
+    # several answers are never graded, whichever is right (no hedging): format score only
+    (_ans("95 - 37 - 4") + " then " + _ans("(95 - 37) + 4"), 0.1),
     (_ans("(95 - 37) + 4") + " then " + _ans("95 - 37 - 4"), 0.1),
 ])
 def test_countdown_reward_table(response, expected):
@@ -103,7 +104,7 @@ def test_countdown_reward_table(response, expected):
 def test_countdown_division_tolerance_and_duplicates():
     # 133 / 7 = 19, 74 - 19 = 55
     assert countdown_reward(_ans("74 - (96 + 37) / 7"), 55, [96, 7, 37, 74]) == 1.0
-    # 1 / 49 * 49 = 0.9999999999999999 in floats, within 1e-5 of 1
+    # 1 / 49 * 49 = 0.9999999999999999 in floats; the reward computes with fractions: exactly 1
     assert (1 / 49) * 49 != 1
     assert countdown_reward(_ans("(1 / 49) * 49"), 1, [1, 49, 49]) == 1.0
     # 5 / (3 - 3) divides by zero: evaluates to nothing -> format score
@@ -116,10 +117,10 @@ def test_countdown_division_tolerance_and_duplicates():
     assert countdown_reward(_ans("95 - 37 + 4"), TARGET, NUMS, format_score=0.0, score=2.0) == 2.0
 
 
-def test_countdown_decimal_loophole_switch():
-    # "1.5" reads as the numbers 1 and 5 (TinyZero's regex), so 1.5 * 2 = 3 passes by default.
-    assert countdown_reward(_ans("1.5 * 2"), 3, [1, 5, 2]) == 1.0
-    assert countdown_reward(_ans("1.5 * 2"), 3, [1, 5, 2], allow_decimals=False) == 0.1
+def test_countdown_decimal_loophole_closed():
+    # TinyZero's regex reads "1.5" as the numbers 1 and 5, so 1.5 * 2 = 3 scored 1.0 there; here a '.' is
+    # never part of an equation.
+    assert countdown_reward(_ans("1.5 * 2"), 3, [1, 5, 2]) == 0.1
 
 
 HOSTILE_ANSWERS = [
@@ -227,10 +228,12 @@ def test_gsm8k_extraction():
 
 def test_gsm8k_reward():
     assert gsm8k_reward("<think> 9 * 2 </think> <answer> 18 </answer>", "18") == 1.0
-    assert gsm8k_reward("so she makes $18.00", "18") == 1.0                 # last number, no tag
+    assert gsm8k_reward("so she makes $18.00", "18") == 0.0                 # no answer tag
+    assert gsm8k_reward("so she makes $18.00", "18", strict=False) == 1.0   # lenient: last number
     assert gsm8k_reward("<answer>17</answer>", "18") == 0.0
     assert gsm8k_reward("<answer>17</answer>", "18", format_score=0.1) == 0.1  # tagged but wrong
     assert gsm8k_reward("17", "18", format_score=0.1) == 0.0                  # untagged and wrong
+    assert gsm8k_reward("17", "18", format_score=0.1, strict=False) == 0.0
     assert gsm8k_reward("<answer>70000</answer>", "... profit\n#### 70,000") == 1.0  # full answer field
 
 
@@ -239,7 +242,7 @@ def test_gsm8k_reward():
 @pytest.mark.parametrize("response", [
     " 9 * 2 = 18 </think> <answer> 18 </answer>",   # continuation of a prompt ending in <think>
     "<think>a\nb</think>\n<answer>18</answer>\n",
-    "</think><answer></answer>",
+    "</think><answer>x</answer>",                   # an empty think block is form enough
 ])
 def test_format_reward_positive(response):
     assert format_reward(response) == 1.0
@@ -255,6 +258,7 @@ def test_format_reward_positive(response):
     "<think> a <think> b </think> <answer>1</answer>",     # nested think
     "<answer>1</answer> x </think>",                       # wrong order
     "x </think> <answer>1",                                # unclosed answer
+    "</think><answer></answer>",                           # empty answer: no format credit for no answer
 ])
 def test_format_reward_negative(response):
     assert format_reward(response) == 0.0

@@ -69,7 +69,7 @@ def reward_model_paths(cfg) -> list[str]:
     """The model:PATH entries of step 3's --reward (the critic path when none is given); a bad spec -> ConfigError."""
     if not hasattr(cfg, "reward"):
         return []
-    from step3_rlhf.rewards.registry import ModelRewardSpec, parse_reward_specs
+    from step3_rlhf.tasks.rewards import ModelRewardSpec, parse_reward_specs
     try:
         specs = parse_reward_specs(cfg.reward or [f"model:{cfg.critic_model_name_or_path}"])
     except ValueError as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+from fractions import Fraction
 
 __all__ = ["UnsafeExpression", "safe_eval"]
 
@@ -50,7 +51,7 @@ def _parse(expr: str, max_len: int) -> ast.AST:
         raise UnsafeExpression(f"not a valid expression: {type(err).__name__}") from None
 
 
-def _check_shape(tree: ast.AST, max_nodes: int) -> None:
+def _check_shape(tree: ast.AST, max_nodes: int, allow_unary: bool) -> None:
     """Reject any disallowed node and trees with more than ``max_nodes`` value nodes.
 
     ``ast.walk`` is iterative, so this cannot recurse deeply even on odd trees.
@@ -63,8 +64,8 @@ def _check_shape(tree: ast.AST, max_nodes: int) -> None:
                 raise UnsafeExpression(f"more than {max_nodes} nodes")
         if isinstance(node, ast.BinOp) and type(node.op) not in _BINARY_OPS:
             raise UnsafeExpression(f"operator {type(node.op).__name__} is not allowed")
-        elif isinstance(node, ast.UnaryOp) and type(node.op) not in _UNARY_OPS:
-            raise UnsafeExpression(f"operator {type(node.op).__name__} is not allowed")
+        elif isinstance(node, ast.UnaryOp) and (not allow_unary or type(node.op) not in _UNARY_OPS):
+            raise UnsafeExpression(f"unary operator {type(node.op).__name__} is not allowed")
         elif isinstance(node, ast.Constant):
             # bool is a subclass of int; complex and str are not numbers we accept.
             if type(node.value) not in (int, float):
@@ -82,31 +83,37 @@ def _checked(value: float, max_abs: float) -> float:
     return value
 
 
-def _evaluate(node: ast.AST, max_abs: float) -> float:
+def _evaluate(node: ast.AST, max_abs: float, exact: bool):
     # Depth is bounded by the node count checked in _check_shape, so plain recursion is safe.
     if isinstance(node, ast.Constant):
-        return _checked(node.value, max_abs)
+        value = _checked(node.value, max_abs)
+        return Fraction(value) if exact else value
     if isinstance(node, ast.UnaryOp):
-        return _checked(_UNARY_OPS[type(node.op)](_evaluate(node.operand, max_abs)), max_abs)
-    left = _evaluate(node.left, max_abs)
-    right = _evaluate(node.right, max_abs)
+        return _checked(_UNARY_OPS[type(node.op)](_evaluate(node.operand, max_abs, exact)), max_abs)
+    left = _evaluate(node.left, max_abs, exact)
+    right = _evaluate(node.right, max_abs, exact)
     if isinstance(node.op, ast.Div) and right == 0:
         raise UnsafeExpression("division by zero")
-    # Operands are at most max_abs, so even an int product is cheap to compute before the check.
+    # Operands are at most max_abs, so even an int product is cheap to compute before the check (and a
+    # Fraction's denominator grows by at most one literal per node: a few hundred bits at most).
     return _checked(_BINARY_OPS[type(node.op)](left, right), max_abs)
 
 
-def safe_eval(expr: str, max_len: int = 200, max_abs: float = 1e12, max_nodes: int = 64) -> float:
-    """Value of an arithmetic expression such as ``"(95 - 37) + 4"`` as a float.
+def safe_eval(expr: str, max_len: int = 200, max_abs: float = 1e12, max_nodes: int = 64,
+              allow_unary: bool = True, exact: bool = False) -> float | Fraction:
+    """Value of an arithmetic expression such as ``"(95 - 37) + 4"`` as a float (a Fraction with ``exact``).
 
     Raises :class:`UnsafeExpression` (a ``ValueError``) for anything that is not numeric literals
     combined with binary ``+ - * /``, unary ``+ -`` and parentheses, for text longer than
     ``max_len``, more than ``max_nodes`` value nodes, any literal or intermediate result with
-    magnitude over ``max_abs``, and division by zero.
+    magnitude over ``max_abs``, and division by zero. ``allow_unary=False`` also rejects unary ``+``/``-``
+    (Countdown: ``-5 + 6`` would use a number -5 that was never given). ``exact=True`` computes with
+    fractions, so ``1 / 3 * 3`` is exactly 1 and no tolerance is needed to compare with a target.
     """
     tree = _parse(expr, max_len)
-    _check_shape(tree, max_nodes)
+    _check_shape(tree, max_nodes, allow_unary)
     try:
-        return float(_evaluate(tree, max_abs))
+        value = _evaluate(tree, max_abs, exact)
+        return value if exact else float(value)
     except (RecursionError, MemoryError, OverflowError) as err:
         raise UnsafeExpression(f"evaluation failed: {type(err).__name__}") from None

@@ -4,8 +4,8 @@ Syntax: a list of specs (several flag values, or comma-separated in one value), 
 ``NAME=WEIGHT`` (weight a finite float, default 1.0; the text after the *last* ``=`` is the
 weight). NAME is one of
 
-* ``countdown``  - :func:`countdown_reward` with ``meta["target"]``, ``meta["nums"]``;
-* ``gsm8k``      - :func:`gsm8k_reward` with ``meta["reference"]``;
+* a task's rule (``Task.rewards`` in the registry): ``countdown`` (:func:`countdown_reward` with
+  ``meta["target"]``, ``meta["nums"]``), ``gsm8k`` (:func:`gsm8k_reward` with ``meta["reference"]``);
 * ``format``     - :func:`format_reward` (R1 tag layout);
 * ``length``     - :func:`length_reward` with its defaults;
 * ``model:PATH`` - a reward model; parsed into a :class:`ModelRewardSpec` marker, loading it is
@@ -21,24 +21,28 @@ import importlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
 
-from step3_rlhf.rewards.countdown import countdown_reward
-from step3_rlhf.rewards.format import format_reward, length_reward
-from step3_rlhf.rewards.gsm8k import gsm8k_reward
+from step3_rlhf.tasks.format import format_reward, length_reward
+from step3_rlhf.tasks.registry import TASKS, RewardFn
 
-__all__ = ["RuleSpec", "ModelRewardSpec", "BUILTIN_RULES", "parse_reward_specs", "split_specs", "RuleRewards"]
+__all__ = ["RuleSpec", "ModelRewardSpec", "GENERIC_RULES", "rule_table", "parse_reward_specs", "split_specs",
+           "RuleRewards"]
 
 logger = logging.getLogger(__name__)
 
-RewardFn = Callable[[str, str, dict], float]
-
-BUILTIN_RULES: dict[str, RewardFn] = {
-    "countdown": lambda prompt, response, meta: countdown_reward(response, meta["target"], meta["nums"]),
-    "gsm8k": lambda prompt, response, meta: gsm8k_reward(response, meta["reference"]),
+# Rules that read only the response, usable with any task.
+GENERIC_RULES: dict[str, RewardFn] = {
     "format": lambda prompt, response, meta: format_reward(response),
     "length": lambda prompt, response, meta: length_reward(response),
 }
+
+
+def rule_table() -> dict[str, RewardFn]:
+    """Every named rule: the generic ones and those of each registered task (read at parse time)."""
+    table = dict(GENERIC_RULES)
+    for task in TASKS.values():
+        table.update(task.rewards)
+    return table
 
 
 @dataclass(frozen=True)
@@ -96,12 +100,13 @@ def _parse_one(spec: str) -> RuleSpec | ModelRewardSpec:
         if not path:
             raise ValueError(f"reward spec {spec!r}: 'model:' needs a path")
         return ModelRewardSpec(path=path, weight=weight)
-    if name in BUILTIN_RULES:
-        return RuleSpec(name=name, weight=weight, fn=BUILTIN_RULES[name])
+    rules = rule_table()
+    if name in rules:
+        return RuleSpec(name=name, weight=weight, fn=rules[name])
     if ":" in name:
         return RuleSpec(name=name, weight=weight, fn=_import_function(name, spec))
     raise ValueError(f"reward spec {spec!r}: unknown reward {name!r}; expected one of "
-                     f"{', '.join(BUILTIN_RULES)}, model:PATH or package.module:function")
+                     f"{', '.join(rules)}, model:PATH or package.module:function")
 
 
 def parse_reward_specs(values: list[str]) -> list[RuleSpec | ModelRewardSpec]:

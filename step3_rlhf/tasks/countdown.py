@@ -1,76 +1,101 @@
-"""Countdown: the TinyZero reward, a task generator, a solver and SFT warm-start text.
+"""Countdown: the task module - prompt, JSONL loader, the TinyZero reward, solver, generator, warm-start text.
 
-The task: combine the given numbers with + - * / (each exactly once) into an equation equal to
-the target. The reward follows TinyZero's ``countdown.compute_score``:
+The task: combine the given numbers with + - * / (each exactly once) into an equation equal to the
+target. Prompt wording is TinyZero's. Rows are ``{"target": int, "nums": [int, ...]}`` (non-negative
+numbers); ``--data_path generate[:N]`` makes N solvable 3-number tasks (default 2000).
 
-* 0 when the response has no ``<answer>...</answer>``;
-* ``format_score`` (0.1) when the equation does not use exactly the given numbers once each (as
-  a multiset, numbers read with the regex ``\\d+``), has characters other than digits,
-  ``+ - * / ( ) .`` and whitespace, fails to evaluate, or misses the target;
-* ``score`` (1.0) when it evaluates to the target within 1e-5.
+Scoring rule (``--reward countdown``), TinyZero's ``countdown.compute_score`` values with its holes closed:
 
-Differences, all on the safe side: the equation is evaluated with :func:`safe_eval` instead of
-``eval`` (so ``9**9**9`` scores 0.1 instead of hanging the trainer); the answer is the last tag pair
-anywhere in the response (TinyZero looks only at the last line of prompt+response); digits are
-ASCII only. TinyZero's loophole of decimal literals (``1.5`` reads as the numbers 1 and 5) is kept
-by default for fidelity; ``allow_decimals=False`` closes it.
+* 0 when the response has no complete ``<answer>...</answer>`` pair, or the answer is blank;
+* ``format_score`` (0.1) when the response has more than one ``<answer>`` or ``</answer>`` tag (no
+  hedging: several candidates are never graded, whichever would be right), or the equation
+  - does not write exactly the given numbers, each once: its maximal digit runs must equal the
+    decimal spellings of ``nums`` as a multiset (so no ``.5`` for 5, no ``05``, no ``12`` for 1 and 2),
+  - has a character other than ASCII digits, ``+ - * / ( )``, space, tab and newline (no ``.``, no
+    ``**`` or ``//`` past :func:`safe_eval`, no unicode digits such as ``５``, no unicode spaces),
+  - uses a unary sign (``-5 + 6`` writes a number -5 that was not given),
+  - fails to evaluate (syntax, division by zero, over :func:`safe_eval`'s caps: 200 characters after
+    whitespace is collapsed, 64 nodes, magnitude 1e12), or misses the target;
+* ``score`` (1.0) when it equals the target exactly (computed with fractions, so ``(1 / 49) * 49``
+  is 1); non-integer intermediate values are fine (``5 / 2 * 2`` for [5, 2, 2] -> 5), as in TinyZero;
+  redundant parentheses are fine.
+
+Only the response is read, and only inside the answer tags (an equation written before ``<answer>``
+does not count). Differences from TinyZero, all stricter: :func:`safe_eval` instead of ``eval``
+(``9**9**9`` scores 0.1 instead of hanging the trainer); TinyZero reads ``1.5`` as the numbers 1 and
+5, accepts ``05`` for 5, unary minus and the last of several answers, gives 0.1 to an empty answer,
+and compares floats within 1e-5 (``1 / 100001 + 5`` hits 5 for [1, 100001, 5]).
 """
 from __future__ import annotations
 
 import random
 import re
 from fractions import Fraction
+from itertools import islice
 from typing import NamedTuple
 
-from step3_rlhf.rewards.safe_arith import UnsafeExpression, safe_eval
+from step3_rlhf.tasks.format import extract_answer, sole_answer
+from step3_rlhf.tasks.prompts import TaskPrompt, is_int, jsonl_rows, r1_prompt, short_repr
+from step3_rlhf.tasks.registry import Task, register
+from step3_rlhf.tasks.safe_arith import UnsafeExpression, safe_eval
 
-__all__ = ["extract_answer", "countdown_reward", "generate_tasks", "solve", "solution_text"]
+__all__ = ["COUNTDOWN_QUESTION", "countdown_prompt", "load_countdown_jsonl", "countdown_reward", "generate_tasks",
+           "solve", "solution_text", "TASK"]
 
-_ALLOWED_CHARS = re.compile(r"[0-9+\-*/().\s]+")
-_NUMBER = re.compile(r"[0-9]+")
-_MAX_DIGITS = 18  # Countdown numbers are small; longer digit runs cannot match and int() of huge runs is slow.
+COUNTDOWN_QUESTION = (
+    "Using the numbers {nums}, create an equation that equals {target}. You can use basic arithmetic "
+    "operations (+, -, *, /) and each number can only be used once. Show your work in <think> </think> tags. "
+    "And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>."
+)
+_ALLOWED_CHARS = re.compile(r"[0-9+\-*/() \t\r\n]+")
+_DIGIT_RUN = re.compile(r"[0-9]+")
 
 
-def extract_answer(text: str) -> str | None:
-    """Stripped content of the last complete ``<answer>...</answer>`` pair, or None.
+def countdown_prompt(task: dict, style: str = "chat") -> TaskPrompt:
+    """Prompt for a Countdown task ``{"target": int, "nums": [int, ...]}`` (TinyZero wording)."""
+    nums = [int(n) for n in task["nums"]]
+    target = int(task["target"])
+    question = COUNTDOWN_QUESTION.format(nums=nums, target=target)
+    return r1_prompt(question, style, {"task": "countdown", "target": target, "nums": nums})
 
-    Works by ``rfind`` (linear time) instead of a lazy regex, which is quadratic on hostile
-    text like ``"<answer>" * 100000``; the content is what lies between the last ``</answer>``
-    and the nearest ``<answer>`` before it (it may span lines).
-    """
-    if not isinstance(text, str):
-        return None
-    end = text.rfind("</answer>")
-    if end < 0:
-        return None
-    start = text.rfind("<answer>", 0, end)
-    if start < 0:
-        return None
-    return text[start + len("<answer>"):end].strip()
+
+def load_countdown_jsonl(path: str, limit: int | None = None) -> list[dict]:
+    """Rows ``{"target": int, "nums": [int >= 0, ...]}``; a malformed row raises a one-line ValueError
+    ``"{path}:{line}: field '{field}': {problem}"``."""
+    tasks = []
+    for line_number, row in jsonl_rows(path, limit):
+        where = f"{path}:{line_number}"
+        if not is_int(row.get("target")):
+            raise ValueError(f"{where}: field 'target': expected an integer, got {short_repr(row.get('target'))}")
+        nums = row.get("nums")
+        if not isinstance(nums, list) or not nums or not all(is_int(n) and n >= 0 for n in nums):
+            # A negative number could only be written with a unary minus, which the reward refuses.
+            raise ValueError(f"{where}: field 'nums': expected a non-empty list of non-negative integers, "
+                             f"got {short_repr(nums)}")
+        tasks.append({"target": row["target"], "nums": list(nums)})
+    return tasks
 
 
 def _uses_exactly(equation: str, nums: list[int]) -> bool:
-    runs = _NUMBER.findall(equation)
-    if any(len(run) > _MAX_DIGITS for run in runs):
-        return False
-    return sorted(int(run) for run in runs) == sorted(int(n) for n in nums)
+    # Compared as text: "05", "5.0" or ".5" is not the number 5 as given. One run more than needed decides.
+    runs = [m.group() for m in islice(_DIGIT_RUN.finditer(equation), len(nums) + 1)]
+    return sorted(runs) == sorted(str(int(n)) for n in nums)
 
 
 def countdown_reward(response: str, target: int, nums: list[int], format_score: float = 0.1,
-                     score: float = 1.0, allow_decimals: bool = True) -> float:
-    """TinyZero's Countdown score of one response (see the module docstring for the rule)."""
+                     score: float = 1.0) -> float:
+    """Countdown score of one response (see the module docstring for the rule)."""
     equation = extract_answer(response)
-    if equation is None:
+    if not equation:  # no answer pair, or a blank one
         return 0.0
-    if not _uses_exactly(equation, nums):
-        return format_score
-    if not _ALLOWED_CHARS.fullmatch(equation) or (not allow_decimals and "." in equation):
+    if sole_answer(response) is None or not _uses_exactly(equation, nums) or not _ALLOWED_CHARS.fullmatch(equation):
         return format_score
     try:
-        value = safe_eval(equation)
+        # Line breaks inside the answer are just spacing; runs of whitespace count once against max_len.
+        value = safe_eval(" ".join(equation.split()), allow_unary=False, exact=True)
     except UnsafeExpression:
         return format_score
-    return score if abs(value - float(target)) < 1e-5 else format_score
+    return score if value == target else format_score
 
 
 # ---------------------------------------------------------------- solver
@@ -228,3 +253,30 @@ def generate_tasks(n: int, seed: int, num_count: tuple[int, int] | int = (3, 4),
         if solve(nums, target) is not None:
             tasks.append({"target": target, "nums": nums})
     return tasks
+
+
+# ---------------------------------------------------------------- registration
+
+
+def _source(data_path: str, seed: int):
+    """``generate`` / ``generate:N`` (or ``synthetic[:N]``): N built-in solvable 3-number tasks (default
+    2000), no eval file; any other path is a JSONL file (None)."""
+    name, _, count = data_path.partition(":")
+    if name not in ("generate", "synthetic"):
+        return None
+    if count and not count.isdigit():
+        raise ValueError(f"--data_path {data_path}: expected generate or generate:N (N tasks)")
+    return generate_tasks(int(count or 2000), seed, num_count=(3, 3)), None
+
+
+TASK = register(Task(
+    name="countdown",
+    prompt=lambda row, style: countdown_prompt(row, style=style),
+    load=load_countdown_jsonl,
+    rewards={"countdown": lambda prompt, response, meta: countdown_reward(response, meta["target"], meta["nums"])},
+    solution=lambda row: solution_text(row["nums"], row["target"], include_think_open=True),
+    source=_source,
+    generate=lambda n, seed, size: generate_tasks(n, seed, num_count=(size, size) if size else (3, 4)),
+    size=lambda row: len(row["nums"]),
+    help="combine the given numbers with + - * / into the target (TinyZero)",
+))
