@@ -67,7 +67,7 @@ def dump_weight_hash(engine, zero_stage, rank, path):
 
 def main(argv=None):
     cfg = parse_config(SFTConfig, argv)
-    ctx = start_stage(cfg, "step1_sft")
+    ctx = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
     train_set, eval_set, collate = sft_datasets(cfg, tokenizer, ctx.log)
     model = load_causal_lm(cfg.model_name_or_path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
@@ -93,11 +93,11 @@ def main(argv=None):
         return sft_step(engine, {k: v.to(ctx.device) for k, v in batch.items()})
 
     after, steps = train(cfg, engine, train_set, collate, step_fn, ev, ctx.log, ctx.rank, ctx.world_size,
-                         "step1_sft")
+                         cfg.stage_name)
     if os.environ.get("RLHFKIT_DUMP_WEIGHT_HASH"):
         dump_weight_hash(engine, cfg.zero_stage, ctx.rank, os.environ["RLHFKIT_DUMP_WEIGHT_HASH"])
     save_hf_model(engine, tokenizer, cfg.output_dir, cfg.zero_stage, ctx.rank)
-    summary = {"stage": "step1_sft", "steps": steps, "before": before, "after": after,
+    summary = {"stage": cfg.stage_name, "steps": steps, "before": before, "after": after,
                "train_sequences": len(train_set), "eval_sequences": len(eval_set)}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before:

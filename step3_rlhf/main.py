@@ -41,7 +41,7 @@ def plan_steps(cfg, n_prompts, world_size):
 
 def main(argv=None):
     cfg = parse_config(RLHFConfig, argv)
-    ctx = start_stage(cfg, "step3_rlhf")
+    ctx = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.actor_model_name_or_path, cfg.trust_remote_code)
     train_items, eval_items = load_prompts(cfg, tokenizer, ctx.log)
     eval_items = eval_items[: cfg.eval_prompts]
@@ -75,7 +75,7 @@ def main(argv=None):
     if trainer.ema is not None:
         save_hf_state(unwrap(engines.actor), trainer.ema.shadow, tokenizer, os.path.join(cfg.output_dir, "actor_ema"),
                       ctx.rank, dtype=ctx.dtype)
-    summary = {"stage": "step3_rlhf", "algo": cfg.algo, "steps": len(history), "history": history,
+    summary = {"stage": cfg.stage_name, "algo": cfg.algo, "steps": len(history), "history": history,
                "before": before, "after": after}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before and after and ctx.rank == 0:

@@ -20,7 +20,7 @@ class RLTrainer:
         self.log = ctx.log
         self.synced = cfg.actor_zero_stage == 3 and ctx.world_size > 1
         self.ema = EMA(engines.actor, cfg.ema_decay, cfg.actor_zero_stage) if cfg.enable_ema else None
-        self.guard = NonFiniteGuard(cfg.max_bad_steps, "step3_rlhf")
+        self.guard = NonFiniteGuard(cfg.max_bad_steps, cfg.stage_name)
 
     # ------------------------------------------------------------------ experience
     def reuses_policy_forward(self, n_rows, sample=True) -> bool:

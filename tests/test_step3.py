@@ -74,7 +74,7 @@ def rl_argv(actor, critic, data, out, *extra):
 # ----------------------------------------------------------------------------- invariants on built pieces
 def build_trainer(argv):
     cfg = parse_config(RLHFConfig, argv)
-    ctx = start_stage(cfg, "step3_rlhf")
+    ctx = start_stage(cfg)
     tok = load_tokenizer(cfg.actor_model_name_or_path)
     items, _ = load_prompts(cfg, tok, ctx.log)
     engines = build_engines(cfg, ctx, 10, ctx.log)
