@@ -3,7 +3,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from utils.options import (UPSTREAM_ONLY_FLAGS, ConfigError, DataOptions, DeviceOptions, LoggingOptions, RunOptions,
+from utils.options import (ConfigError, DataOptions, DeviceOptions, LoggingOptions, RunOptions,
                            check_common, opt)
 
 ALGOS = ("ppo", "grpo", "rloo", "reinforce")
@@ -44,15 +44,10 @@ RoleOptions = role_options(
 
 
 @dataclass
-class RLHFConfig(DataOptions, RunOptions, DeviceOptions, LoggingOptions, RoleOptions):
+class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOptions):
     """Step 3: PPO (actor, frozen reference, critic, frozen reward model) or a critic-free algorithm."""
     stage_name: ClassVar[str] = "step3_rlhf"
     data_split_index: ClassVar[int] = 2
-    upstream_only_flags: ClassVar[dict] = {
-        **UPSTREAM_ONLY_FLAGS,
-        "disable_actor_dropout": dict(action="store_true", help="actor dropout is 0 by default (--actor_dropout)"),
-        "disable_critic_dropout": dict(action="store_true", help="critic dropout is 0 by default (--critic_dropout)"),
-    }
 
     # -- models
     actor_model_name_or_path: str = opt("", "The step-1 model (HF dir / Hub name / 'smollm2-135m-instruct').")

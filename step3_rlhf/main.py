@@ -19,12 +19,13 @@ import math  # noqa: E402
 
 from step3_rlhf.config import RLHFConfig  # noqa: E402
 from step3_rlhf.engines import build_engines  # noqa: E402
-from step3_rlhf.evaluate import before_after_table, evaluate_policy  # noqa: E402
+from step3_rlhf.evaluate import evaluate_policy  # noqa: E402
 from step3_rlhf.prompt_data import collate_prompts, load_prompts, ptx_batches  # noqa: E402
 from step3_rlhf.loop import fit  # noqa: E402
 from step3_rlhf.trainer import RLTrainer  # noqa: E402
 from utils.models import load_tokenizer, save_hf_model, save_hf_state, unwrap  # noqa: E402
 from utils.options import parse_config  # noqa: E402
+from utils.report_tables import before_after_table  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 
 

@@ -178,11 +178,12 @@ def _add_field(parser, f, tp):
         parser.add_argument(name, type=tp, default=default, help=help_text, **meta)
 
 
-def build_parser(config_cls, description="", prog=None, formatter_class=argparse.ArgumentDefaultsHelpFormatter):
+def build_parser(config_cls, description="", formatter_class=argparse.ArgumentDefaultsHelpFormatter, **parser_kw):
     """An argparse parser with one flag per field of `config_cls` (a positional argument where the field says
-    `positional=True`), plus the DeepSpeed-Chat flags the class accepts and ignores (`upstream_only_flags`)."""
-    parser = _OneLineParser(prog=prog, description=description or config_cls.__doc__,
-                            formatter_class=formatter_class)
+    `positional=True`), plus the DeepSpeed-Chat flags the class accepts and ignores (`upstream_only_flags`).
+    `parser_kw` (prog, epilog) go to the parser."""
+    parser = _OneLineParser(description=description or config_cls.__doc__, formatter_class=formatter_class,
+                            **parser_kw)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         _add_field(parser, f, _arg_type(hints[f.name]))
@@ -203,19 +204,21 @@ UPSTREAM_ONLY_FLAGS = {
                                                     "attention mask, so no offset is needed"),
     "compute_fp32_loss": dict(action="store_true", help="losses and log-probs are always computed in fp32"),
     "add_eot_token": dict(action="store_true", help="the end of a turn comes from the chat template and EOS"),
+    "disable_actor_dropout": dict(action="store_true", help="actor dropout is 0 by default (--actor_dropout)"),
+    "disable_critic_dropout": dict(action="store_true", help="critic dropout is 0 by default (--critic_dropout)"),
 }
 RunOptions.upstream_only_flags = UPSTREAM_ONLY_FLAGS
 
 
 def parse_config(config_cls, argv=None, **parser_kw):
-    """Parse argv into `config_cls`, then run its `validate()`; a ConfigError exits 2 with one line."""
+    """Parse argv into `config_cls`, then run its `validate()` (a class without one gets `check_fields`); a
+    ConfigError exits 2 with one line."""
     args = vars(build_parser(config_cls, **parser_kw).parse_args(argv))
     for flag in getattr(config_cls, "upstream_only_flags", {}):
         args.pop(flag, None)
     cfg = config_cls(**args)
     try:
-        if hasattr(cfg, "validate"):
-            cfg.validate()
+        getattr(cfg, "validate", lambda: check_fields(cfg))()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
