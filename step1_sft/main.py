@@ -51,12 +51,12 @@ def evaluate(engine, dataset, collate, batch_size, device):
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
 
 
-def dump_weight_hash(engine, zero_stage, rank, path):
+def dump_weight_hash(engine, rank, path):
     """Test hook (env RLHFKIT_DUMP_WEIGHT_HASH=PATH): every rank writes PATH.rankN with the sha256 of its full
     (ZeRO-gathered) weights, so a test can check that data-parallel ranks ended with the same model."""
     import hashlib
     import json
-    state = gathered_state_dict(engine, zero_stage)  # collective at ZeRO 3: every rank must call it
+    state = gathered_state_dict(engine)  # collective at ZeRO 3: every rank must call it
     digest = hashlib.sha256()
     for name in sorted(state):
         digest.update(name.encode())
@@ -95,8 +95,8 @@ def main(argv=None):
     after, steps = train(cfg, engine, train_set, collate, step_fn, ev, ctx.log, ctx.rank, ctx.world_size,
                          cfg.stage_name)
     if os.environ.get("RLHFKIT_DUMP_WEIGHT_HASH"):
-        dump_weight_hash(engine, cfg.zero_stage, ctx.rank, os.environ["RLHFKIT_DUMP_WEIGHT_HASH"])
-    save_hf_model(engine, tokenizer, cfg.output_dir, cfg.zero_stage, ctx.rank)
+        dump_weight_hash(engine, ctx.rank, os.environ["RLHFKIT_DUMP_WEIGHT_HASH"])
+    save_hf_model(engine, tokenizer, cfg.output_dir, rank=ctx.rank)
     summary = {"stage": cfg.stage_name, "steps": steps, "before": before, "after": after,
                "train_sequences": len(train_set), "eval_sequences": len(eval_set)}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)

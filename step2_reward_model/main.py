@@ -168,7 +168,7 @@ def main(argv=None):
     train_seconds = time.perf_counter() - start - eval_clock["seconds"]  # the loop's evals are not training
     if cfg.eval_scores_path and ctx.rank == 0:
         write_pair_scores(cfg.eval_scores_path, eval_clock["scores"])
-    save_hf_model(engine, tokenizer, cfg.output_dir, cfg.zero_stage, ctx.rank)
+    save_hf_model(engine, tokenizer, cfg.output_dir, rank=ctx.rank)
     summary = {"stage": cfg.stage_name, "steps": steps, "before": before, "after": after,
                "train_pairs": len(train_set), "eval_pairs": len(eval_set), "train_seconds": round(train_seconds, 1)}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)

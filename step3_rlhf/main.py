@@ -69,10 +69,9 @@ def main(argv=None):
 
     after = evaluate_policy(trainer, eval_items, cfg.per_device_generation_batch_size, cfg.seed + 1) \
         if eval_items else None
-    save_hf_model(engines.actor, tokenizer, os.path.join(cfg.output_dir, "actor"), cfg.actor_zero_stage, ctx.rank)
+    save_hf_model(engines.actor, tokenizer, os.path.join(cfg.output_dir, "actor"), rank=ctx.rank)
     if engines.critic is not None:
-        save_hf_model(engines.critic, tokenizer, os.path.join(cfg.output_dir, "critic"), cfg.critic_zero_stage,
-                      ctx.rank)
+        save_hf_model(engines.critic, tokenizer, os.path.join(cfg.output_dir, "critic"), rank=ctx.rank)
     if trainer.ema is not None:
         save_hf_state(unwrap(engines.actor), trainer.ema.shadow, tokenizer, os.path.join(cfg.output_dir, "actor_ema"),
                       ctx.rank, dtype=ctx.dtype)

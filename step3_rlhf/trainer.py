@@ -19,7 +19,7 @@ class RLTrainer:
         self.cfg, self.e, self.tok, self.ctx, self.collate, self.ptx = cfg, engines, tokenizer, ctx, collate, ptx
         self.log = ctx.log
         self.synced = cfg.actor_zero_stage == 3 and ctx.world_size > 1
-        self.ema = EMA(engines.actor, cfg.ema_decay, cfg.actor_zero_stage) if cfg.enable_ema else None
+        self.ema = EMA(engines.actor, cfg.ema_decay) if cfg.enable_ema else None
         self.guard = NonFiniteGuard(cfg.max_bad_steps, cfg.stage_name)
 
     # ------------------------------------------------------------------ experience
