@@ -1,8 +1,9 @@
 """The one option definition shared by every stage.
 
 Each concern is a small dataclass whose fields carry their default and help text (TRL style); a stage's
-config is a dataclass that inherits the concerns it needs, and `parse_config` turns any such dataclass into
-an argparse parser. Flag names are DeepSpeed-Chat's wherever it has one, so a user's upstream script ports
+config is a dataclass in the stage's own package that inherits the concerns it needs and declares its identity
+(`stage_name`, `data_split_index`); the tools (inference/, the data validator) have small config dataclasses of
+their own. `parse_config` turns any such dataclass into an argparse parser. Flag names are DeepSpeed-Chat's wherever it has one, so a user's upstream script ports
 by changing the program name.
 """
 from __future__ import annotations
@@ -24,9 +25,9 @@ _CONSTRAINTS = ("min", "min_exclusive", "max_exclusive")  # checked by check_fie
 
 
 def opt(default, help, **kw):
-    """A dataclass field with help text, optional argparse `choices`/`nargs`, and its own range: `min` (value
-    >= min), `min_exclusive` (value > it), `max_exclusive` (value < it); `check_fields` enforces the range
-    for every field of any config, so a stage declares a constraint once, beside the default."""
+    """A dataclass field with help text, optional argparse `choices`/`nargs`/`required`/`positional=True`, and its
+    own range: `min` (value >= min), `min_exclusive` (value > it), `max_exclusive` (value < it); `check_fields`
+    enforces the range for every field of any config, so a constraint is declared once, beside the default."""
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
