@@ -100,7 +100,7 @@ def run_ours(a):
     steps = a.steps if a.algo == "ppo" else a.grpo_steps
     cfg = parse_config(RLHFConfig, w_flags(a, a.algo, a.dtype, steps, a.data,
                                            os.path.join(a.workdir, f"ours_{a.algo}_{a.dtype}"), a.value_dir))
-    ctx = start_stage(cfg, "bench")
+    ctx = start_stage(cfg)
     tok = load_tokenizer(MODEL)
     with open(a.prompts) as f:
         ids = json.load(f)[: 8 * (steps + 1)]

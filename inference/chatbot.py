@@ -14,13 +14,13 @@ fit the model's context.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import shutil
 import sys
 import textwrap
 from dataclasses import dataclass, field
+from typing import Optional
 
 from inference.common import (context_limit, effective_max_len, load_for_inference, model_label,
                               quiet_transformers, score_items)
@@ -28,6 +28,7 @@ from utils.data.datasets import tokenize_prompt
 from utils.data.rows import DataError
 from utils.data.templates import end_of_turn
 from utils.models import ModelLoadError
+from utils.options import opt, parse_config
 
 COMMANDS_CLEAR = ("clear",)
 COMMANDS_QUIT = ("quit", "exit")
@@ -238,33 +239,27 @@ def run(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m inference.chatbot", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model_name_or_path", nargs="+", required=True,
-                        help="Model dir(s) of any stage, Hub name(s), or 'smollm2-135m-instruct'; two or more "
-                             "= compare mode.")
-    parser.add_argument("--prompts", help="File of prompts (one per line, or JSONL with \"prompt\"); default stdin.")
-    parser.add_argument("--reward_model", help="Reward model dir: print each answer's score.")
-    parser.add_argument("--output", help="Write each turn as JSONL {prompt, model, answer, turn, score?}.")
-    parser.add_argument("--max_new_tokens", type=int, default=128, help="Tokens generated per answer.")
-    parser.add_argument("--do_sample", action="store_true", help="Sample (default: greedy).")
-    parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (with --do_sample).")
-    parser.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling (with --do_sample).")
-    parser.add_argument("--top_k", type=int, default=50, help="Top-k sampling (with --do_sample).")
-    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0 = none.")
-    parser.add_argument("--seed", type=int, default=1234, help="Seed set before every answer.")
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="Model dtype.")
-    parser.add_argument("--trust_remote_code", action="store_true", help="Allow a Hub model's own code to run.")
-    return parser
+@dataclass
+class ChatConfig:
+    model_name_or_path: list = opt([], "Model dir(s) of any stage, Hub name(s), or 'smollm2-135m-instruct'; two "
+                                       "or more = compare mode.", nargs="+", required=True)
+    prompts: Optional[str] = opt(None, "File of prompts (one per line, or JSONL with \"prompt\"); default stdin.")
+    reward_model: Optional[str] = opt(None, "Reward model dir: print each answer's score.")
+    output: Optional[str] = opt(None, "Write each turn as JSONL {prompt, model, answer, turn, score?}.")
+    max_new_tokens: int = opt(128, "Tokens generated per answer.", min=1)
+    do_sample: bool = opt(False, "Sample (default: greedy).")
+    temperature: float = opt(1.0, "Sampling temperature (with --do_sample).")
+    top_p: float = opt(1.0, "Nucleus sampling (with --do_sample).")
+    top_k: int = opt(50, "Top-k sampling (with --do_sample).")
+    repetition_penalty: float = opt(1.0, "1.0 = none.")
+    seed: int = opt(1234, "Seed set before every answer.")
+    dtype: str = opt("auto", "Model dtype.", choices=["auto", "fp32", "bf16"])
+    trust_remote_code: bool = opt(False, "Allow a Hub model's own code to run.")
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_config(ChatConfig, argv, description=__doc__.split("\n\n")[0], prog="python -m inference.chatbot")
     quiet_transformers()
-    if args.max_new_tokens < 1:
-        parser.error("--max_new_tokens must be >= 1")
     try:
         return run(args)
     except (ModelLoadError, DataError, ChatError) as err:

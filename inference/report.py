@@ -15,6 +15,9 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import Optional
+
+from utils.options import opt, parse_config
 
 EVENT_FILE_MARK = "tfevents"
 TIME_TAGS = ("time/generation", "time/experience", "time/training")
@@ -355,13 +358,16 @@ def write_report(logdir: str, out_dir: str | None = None, smooth: float = 0.0) -
     return result
 
 
+@dataclass
+class ReportConfig:
+    logdir: str = opt("", "a run's output dir or TensorBoard dir (searched recursively)", required=True)
+    out: Optional[str] = opt(None, "where PNGs and report.md go (default: LOGDIR/report)")
+    smooth: float = opt(0.0, "EMA weight in [0, 1) for plotted lines", min=0, max_exclusive=1)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--logdir", required=True, help="a run's output dir or TensorBoard dir (searched recursively)")
-    parser.add_argument("--out", default=None, help="where PNGs and report.md go (default: LOGDIR/report)")
-    parser.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for plotted lines")
-    args = parser.parse_args(argv)
+    args = parse_config(ReportConfig, argv, description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     try:
         result = write_report(args.logdir, args.out, args.smooth)
     except ReportError as e:

@@ -12,16 +12,18 @@ model sees exactly what step 2 trains on: format_prompt(prompt) + response_text(
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 from inference.common import (TRUNCATION_RULE, effective_max_len, encode_replies, load_for_inference,
                               quiet_transformers, score_items, score_sequences)
 from utils.data.readers import read_rows
 from utils.data.rows import DataError, check_text, prompt_messages
 from utils.models import ModelLoadError
+from utils.options import ConfigError, check_fields, opt, parse_config
 
 
 # ------------------------------------------------------------------------------------------ pure statistics
@@ -179,41 +181,38 @@ def run_items(args, model, tokenizer, items) -> list[dict]:
     return records
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m inference.score", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog=f"Truncation (--max_seq_len): {TRUNCATION_RULE}.")
-    parser.add_argument("--reward_model", required=True, help="Reward model dir (step 2 output) or Hub name.")
-    parser.add_argument("--prompt", help="One prompt to score (with --response).")
-    parser.add_argument("--response", help="The response to --prompt.")
-    parser.add_argument("--input", help="JSONL file of {\"prompt\", \"response\"} objects (default: stdin).")
-    parser.add_argument("--pairs", help="Preference file/dir/Hub set: report pairwise accuracy instead of scores.")
-    parser.add_argument("--output", help="Write the JSONL scores (or the --pairs JSON report) here, not stdout.")
-    parser.add_argument("--format", choices=["jsonl", "table"], default="jsonl", help="Output of item scores.")
-    parser.add_argument("--batch_size", type=int, default=8, help="Sequences per forward pass.")
-    parser.add_argument("--max_seq_len", type=int, default=512,
-                        help="Max prompt+response tokens (0 = the model's context); see the truncation rule below.")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the accuracy CI (0 = off).")
-    parser.add_argument("--seed", type=int, default=1234, help="Seed of the bootstrap.")
-    parser.add_argument("--on_bad_rows", choices=["error", "skip"], default="error",
-                        help="A malformed --pairs row stops the run (exit 2) or is skipped and listed.")
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="Model dtype.")
-    parser.add_argument("--trust_remote_code", action="store_true", help="Allow a Hub model's own code to run.")
-    parser.add_argument("--no_progress", action="store_true", help="No tqdm progress bar.")
-    return parser
+@dataclass
+class ScoreConfig:
+    reward_model: str = opt("", "Reward model dir (step 2 output) or Hub name.", required=True)
+    prompt: Optional[str] = opt(None, "One prompt to score (with --response).")
+    response: Optional[str] = opt(None, "The response to --prompt.")
+    input: Optional[str] = opt(None, "JSONL file of {\"prompt\", \"response\"} objects (default: stdin).")
+    pairs: Optional[str] = opt(None, "Preference file/dir/Hub set: report pairwise accuracy instead of scores.")
+    output: Optional[str] = opt(None, "Write the JSONL scores (or the --pairs JSON report) here, not stdout.")
+    format: str = opt("jsonl", "Output of item scores.", choices=["jsonl", "table"])
+    batch_size: int = opt(8, "Sequences per forward pass.", min=1)
+    max_seq_len: int = opt(512, "Max prompt+response tokens (0 = the model's context); see the truncation rule "
+                                "below.", min=0)
+    bootstrap: int = opt(1000, "Bootstrap resamples for the accuracy CI (0 = off).", min=0)
+    seed: int = opt(1234, "Seed of the bootstrap.")
+    on_bad_rows: str = opt("error", "A malformed --pairs row stops the run (exit 2) or is skipped and listed.",
+                           choices=["error", "skip"])
+    dtype: str = opt("auto", "Model dtype.", choices=["auto", "fp32", "bf16"])
+    trust_remote_code: bool = opt(False, "Allow a Hub model's own code to run.")
+    no_progress: bool = opt(False, "No tqdm progress bar.")
+
+    def validate(self):
+        check_fields(self)
+        if (self.prompt is None) != (self.response is None):
+            raise ConfigError("--prompt and --response go together")
+        if self.pairs and (self.prompt is not None or self.input):
+            raise ConfigError("--pairs evaluates a preference file; do not combine it with --prompt or --input")
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_config(ScoreConfig, argv, description=__doc__.split("\n\n")[0], prog="python -m inference.score",
+                        epilog=f"Truncation (--max_seq_len): {TRUNCATION_RULE}.")
     quiet_transformers()
-    if (args.prompt is None) != (args.response is None):
-        parser.error("--prompt and --response go together")
-    if args.pairs and (args.prompt is not None or args.input):
-        parser.error("--pairs evaluates a preference file; do not combine it with --prompt or --input")
-    if args.batch_size < 1 or args.max_seq_len < 0 or args.bootstrap < 0:
-        parser.error("--batch_size must be >= 1, --max_seq_len and --bootstrap >= 0")
     try:
         data = read_pairs(args.pairs, args.on_bad_rows) if args.pairs else load_items(args)
         model, tokenizer = load_for_inference(args.reward_model, kind="value", dtype=args.dtype,

@@ -4,10 +4,13 @@ Reads the `summary.json` each stage writes into OUTPUT_DIR/step1, step2 and step
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
+
+from utils.options import opt, parse_config
+from utils.report_tables import before_after_table
 
 
 def _load(path):
@@ -34,7 +37,6 @@ def summarize(out_dir: str) -> str:
                      f"(mean chosen {a['eval/chosen_score']:.3f}, rejected {a['eval/rejected_score']:.3f})")
     s3 = _load(os.path.join(out_dir, "step3", "summary.json"))
     if s3 and s3.get("after"):
-        from step3_rlhf.evaluate import before_after_table
         hist = s3.get("history") or []
         if hist:
             lines.append(f"step 3 ({s3['algo']}, {s3['steps']} steps): training reward "
@@ -43,10 +45,14 @@ def summarize(out_dir: str) -> str:
     return "\n".join(lines) if lines else f"no stage summaries under {out_dir}"
 
 
+@dataclass
+class SummaryConfig:
+    output_dir: str = opt("", "The pipeline's output dir (its step1/, step2/, step3/ hold the summaries).",
+                          positional=True)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("output_dir")
-    args = p.parse_args(argv)
+    args = parse_config(SummaryConfig, argv, description=__doc__.splitlines()[0], prog="python -m inference.summary")
     if not os.path.isdir(args.output_dir):
         print(f"error: {args.output_dir} does not exist", file=sys.stderr)
         return 2

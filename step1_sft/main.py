@@ -51,12 +51,12 @@ def evaluate(engine, dataset, collate, batch_size, device):
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
 
 
-def dump_weight_hash(engine, zero_stage, rank, path):
+def dump_weight_hash(engine, rank, path):
     """Test hook (env RLHFKIT_DUMP_WEIGHT_HASH=PATH): every rank writes PATH.rankN with the sha256 of its full
     (ZeRO-gathered) weights, so a test can check that data-parallel ranks ended with the same model."""
     import hashlib
     import json
-    state = gathered_state_dict(engine, zero_stage)  # collective at ZeRO 3: every rank must call it
+    state = gathered_state_dict(engine)  # collective at ZeRO 3: every rank must call it
     digest = hashlib.sha256()
     for name in sorted(state):
         digest.update(name.encode())
@@ -67,7 +67,7 @@ def dump_weight_hash(engine, zero_stage, rank, path):
 
 def main(argv=None):
     cfg = parse_config(SFTConfig, argv)
-    ctx = start_stage(cfg, "step1_sft")
+    ctx = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
     train_set, eval_set, collate = sft_datasets(cfg, tokenizer, ctx.log)
     model = load_causal_lm(cfg.model_name_or_path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
@@ -93,11 +93,11 @@ def main(argv=None):
         return sft_step(engine, {k: v.to(ctx.device) for k, v in batch.items()})
 
     after, steps = train(cfg, engine, train_set, collate, step_fn, ev, ctx.log, ctx.rank, ctx.world_size,
-                         "step1_sft")
+                         cfg.stage_name)
     if os.environ.get("RLHFKIT_DUMP_WEIGHT_HASH"):
-        dump_weight_hash(engine, cfg.zero_stage, ctx.rank, os.environ["RLHFKIT_DUMP_WEIGHT_HASH"])
-    save_hf_model(engine, tokenizer, cfg.output_dir, cfg.zero_stage, ctx.rank)
-    summary = {"stage": "step1_sft", "steps": steps, "before": before, "after": after,
+        dump_weight_hash(engine, ctx.rank, os.environ["RLHFKIT_DUMP_WEIGHT_HASH"])
+    save_hf_model(engine, tokenizer, cfg.output_dir, rank=ctx.rank)
+    summary = {"stage": cfg.stage_name, "steps": steps, "before": before, "after": after,
                "train_sequences": len(train_set), "eval_sequences": len(eval_set)}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before:

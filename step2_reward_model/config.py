@@ -1,13 +1,16 @@
 """Step 2 (pairwise reward model) options: every default in one place, with its help text."""
 from dataclasses import dataclass
+from typing import ClassVar
 
 from utils.options import (DataOptions, DeepSpeedOptions, LoggingOptions, LoraOptions, ModelOptions, TrainOptions,
-                           ConfigError, check_common, opt)
+                           check_common, opt)
 
 
 @dataclass
 class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, LoraOptions, LoggingOptions):
     """Step 2: train a scalar reward model on chosen/rejected pairs with -logsigmoid(r_chosen - r_rejected)."""
+    stage_name: ClassVar[str] = "step2_reward_model"
+    data_split_index: ClassVar[int] = 1
 
     center_coef: float = opt(0.0, "Weight of mean((r_c + r_r)^2), which keeps scores centred near 0 so a score's "
                                   "sign means something.")
@@ -16,12 +19,12 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
     forward_chunk: int = opt(4, "Sequences per forward pass: a batch's 2B chosen+rejected sequences are sorted by "
                                 "length and run this many at a time, each chunk cut to its own longest, so short "
                                 "ones skip the longest one's padding (the loss and its one backward are the same; "
-                                "about 2x faster on CPU for hh-style data). 0 = one padded forward of the batch.")
+                                "about 2x faster on CPU for hh-style data). 0 = one padded forward of the batch.", min=0)
     head_learning_rate: float = opt(0.0, "Learning rate of the value head (0 = --learning_rate). With a zero head "
                                          "(--head_init_std 0) the body gets no gradient until the head has grown; a "
-                                         "larger head rate (e.g. 1e-3) gets it learning sooner.")
+                                         "larger head rate (e.g. 1e-3) gets it learning sooner.", min=0)
     num_frozen_layers: int = opt(0, "Freeze the embeddings and this many of the lowest transformer blocks (backward "
-                                    "stops above them: faster steps, fewer trained weights).")
+                                    "stops above them: faster steps, fewer trained weights).", min=0)
     score_offset: int = opt(0, "Where the score is read: 0 = the last non-pad token (the EOS / end-of-turn token "
                                "closing every reply); 1 = the token before it (the reply's last word).",
                             choices=[0, 1])
@@ -33,9 +36,3 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
 
     def validate(self):
         check_common(self)
-        if self.head_learning_rate < 0:
-            raise ConfigError("--head_learning_rate must be >= 0 (0 = --learning_rate)")
-        if self.num_frozen_layers < 0:
-            raise ConfigError("--num_frozen_layers must be >= 0")
-        if self.forward_chunk < 0:
-            raise ConfigError("--forward_chunk must be >= 0 (0 = the whole batch in one forward)")

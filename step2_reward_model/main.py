@@ -120,7 +120,7 @@ def write_pair_scores(path, triples):
 
 def main(argv=None):
     cfg = parse_config(RewardConfig, argv)
-    ctx = start_stage(cfg, "step2_reward_model")
+    ctx = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
     if cfg.chat_template == "none":
         tokenizer.chat_template = None  # DeepSpeed-Chat's hh text instead (utils/data/templates.py)
@@ -164,12 +164,12 @@ def main(argv=None):
 
     start = time.perf_counter()
     after, steps = train(cfg, engine, train_set, collate, step_fn, ev, ctx.log, ctx.rank, ctx.world_size,
-                         "step2_reward_model")
+                         cfg.stage_name)
     train_seconds = time.perf_counter() - start - eval_clock["seconds"]  # the loop's evals are not training
     if cfg.eval_scores_path and ctx.rank == 0:
         write_pair_scores(cfg.eval_scores_path, eval_clock["scores"])
-    save_hf_model(engine, tokenizer, cfg.output_dir, cfg.zero_stage, ctx.rank)
-    summary = {"stage": "step2_reward_model", "steps": steps, "before": before, "after": after,
+    save_hf_model(engine, tokenizer, cfg.output_dir, rank=ctx.rank)
+    summary = {"stage": cfg.stage_name, "steps": steps, "before": before, "after": after,
                "train_pairs": len(train_set), "eval_pairs": len(eval_set), "train_seconds": round(train_seconds, 1)}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before:

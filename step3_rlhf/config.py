@@ -1,17 +1,56 @@
 """Step 3 (RLHF) options: every PPO/GRPO constant is a documented flag with DeepSpeed-Chat's default."""
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from step3_rlhf.algorithms import ALGORITHMS, algorithm
 from step3_rlhf.rollout import BACKENDS as ROLLOUT_BACKENDS
 from step3_rlhf.tasks import TaskChoices, task_names, task_of_rule
-from utils.options import ConfigError, DataOptions, LoggingOptions, RunOptions, check_common, opt
+from utils.options import (ConfigError, DataOptions, DeviceOptions, LoggingOptions, RunOptions,
+                           check_common, opt)
 
 ALGOS = tuple(ALGORITHMS)
+# The two trained models of PPO and what each role's help says about it (DeepSpeed-Chat's actor_*/critic_* flags).
+ROLES = {
+    "actor": dict(Role="Actor", role="actor", frozen="and reference",
+                  checkpointing_note=" (with the critic's: peak RSS 5.4 instead of 5.7-5.8 GB on bench W, about "
+                                     "5%% slower)",  # %% : argparse formats help text
+                  dropout_note=" (0 keeps old/new log-probs comparable)"),
+    "critic": dict(Role="Critic", role="critic", frozen="and reward model", checkpointing_note="", dropout_note=""),
+}
+
+
+def role_options(*specs):
+    """A dataclass with the fields actor_NAME and critic_NAME for each (NAME, type, default, help, opt
+    keywords) spec: one option per trained model. A default may be a {role: value} dict; the help is a
+    template filled from ROLES."""
+    fields = []
+    for name, tp, default, help_template, kw in specs:
+        for role, words in ROLES.items():
+            value = default[role] if isinstance(default, dict) else default
+            fields.append((f"{role}_{name}", tp, opt(value, help_template.format(**words), **kw)))
+    cls = dataclasses.make_dataclass("RoleOptions", fields)
+    cls.__module__ = __name__
+    return cls
+
+
+RoleOptions = role_options(
+    ("learning_rate", float, {"actor": 9.65e-6, "critic": 5e-6}, "{Role} learning rate.", dict(min=0)),
+    ("weight_decay", float, 0.0, "{Role} AdamW weight decay.", dict(min=0)),
+    ("zero_stage", int, 0, "{Role} ({frozen}) ZeRO stage.", dict(choices=[0, 1, 2, 3])),
+    ("gradient_checkpointing", bool, False, "Gradient checkpointing for the {role}{checkpointing_note}.", {}),
+    ("dropout", float, 0.0, "{Role} dropout{dropout_note}.", dict(min=0)),
+    ("lora_dim", int, 0, "{Role} LoRA rank (0 = full).", dict(min=0)),
+    ("lora_module_name", str, "layers.", "Linear layers of the {role} that get LoRA.", {}),
+    ("lora_learning_rate", float, 5e-4, "{Role} LoRA learning rate.", dict(min=0)),
+)
 
 
 @dataclass
-class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
+class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOptions):
     """Step 3: PPO (actor, frozen reference, critic, frozen reward model) or a critic-free algorithm."""
+    stage_name: ClassVar[str] = "step3_rlhf"
+    data_split_index: ClassVar[int] = 2
 
     # -- models
     actor_model_name_or_path: str = opt("", "The step-1 model (HF dir / Hub name / 'smollm2-135m-instruct').")
@@ -33,23 +72,23 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
     prompt_style: str = opt("chat", "R1-Zero prompt style for countdown/gsm8k: the chat template or base text.",
                             choices=["chat", "base"])
     # -- generation
-    max_prompt_seq_len: int = opt(256, "Prompt tokens kept (left-truncated).")
-    max_answer_seq_len: int = opt(256, "Most new tokens per response.")
+    max_prompt_seq_len: int = opt(256, "Prompt tokens kept (left-truncated).", min=1)
+    max_answer_seq_len: int = opt(256, "Most new tokens per response.", min=1)
     min_answer_seq_len: int = opt(0, "Fewest new tokens (EOS suppressed before); benchmarks use = max.")
-    per_device_generation_batch_size: int = opt(8, "Prompts per generation batch.")
-    per_device_training_batch_size: int = opt(8, "Sequences per PPO micro-batch.")
-    generation_batches: int = opt(1, "Generation batches collected before each round of PPO updates.")
-    num_generations: int = opt(1, "Samples per prompt (G); GRPO/RLOO/REINFORCE need >= 2.")
+    per_device_generation_batch_size: int = opt(8, "Prompts per generation batch.", min=1)
+    per_device_training_batch_size: int = opt(8, "Sequences per PPO micro-batch.", min=1)
+    generation_batches: int = opt(1, "Generation batches collected before each round of PPO updates.", min=1)
+    num_generations: int = opt(1, "Samples per prompt (G); GRPO/RLOO/REINFORCE need >= 2.", min=1)
     temperature: float = opt(1.0, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling.")
     top_k: int = opt(0, "Top-k sampling (0 = off).")
     enable_hybrid_engine: bool = opt(False, "DeepSpeed's hybrid engine for generation (GPU, supported models).")
-    inference_tp_size: int = opt(1, "Hybrid engine tensor-parallel size.")
+    inference_tp_size: int = opt(1, "Hybrid engine tensor-parallel size.", min=1)
     tp_gather_partition_size: int = opt(8, "Hybrid engine: parameters gathered per partition.")
     release_inference_cache: bool = opt(False, "Hybrid engine: free the inference KV cache after generation.")
     unpin_actor_parameters: bool = opt(False, "Hybrid engine: do not pin actor parameters (saves host memory).")
     # -- PPO / GRPO constants
-    ppo_epochs: int = opt(1, "Passes over each round's experience.")
+    ppo_epochs: int = opt(1, "Passes over each round's experience.", min=1)
     kl_ctl: float = opt(0.1, "PPO: KL penalty coefficient in the per-token reward.")
     clip_reward_value: float = opt(5.0, "PPO: reward-model score clipped to +-this.")
     cliprange: float = opt(0.2, "Policy ratio clip epsilon.")
@@ -62,34 +101,15 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
                             "(Dr. GRPO). Default: token-mean for ppo, seq-mean-token-mean otherwise.",
                         choices=["", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
     whiten_advantages: bool = opt(False, "PPO: whiten advantages per batch (DeepSpeed-Chat does not).")
-    # -- per-model training options
-    actor_learning_rate: float = opt(9.65e-6, "Actor learning rate.")
-    critic_learning_rate: float = opt(5e-6, "Critic learning rate.")
-    actor_weight_decay: float = opt(0.0, "Actor AdamW weight decay.")
-    critic_weight_decay: float = opt(0.0, "Critic AdamW weight decay.")
-    actor_zero_stage: int = opt(0, "Actor (and reference) ZeRO stage.", choices=[0, 1, 2, 3])
-    critic_zero_stage: int = opt(0, "Critic (and reward model) ZeRO stage.", choices=[0, 1, 2, 3])
+    # -- per-model training options (the actor_*/critic_* pairs: RoleOptions)
     offload: bool = opt(False, "ZeRO offload of the trained engines' state to CPU.")
     offload_reference_model: bool = opt(False, "Keep the reference model's parameters on CPU (ZeRO-3 offload).")
     offload_reward_model: bool = opt(False, "Keep the reward model's parameters on CPU (ZeRO-3 offload).")
-    dtype: str = opt("auto", "bf16 where the device has it, else fp32 (CPU) / fp16 (old GPUs).",
-                     choices=["auto", "fp32", "bf16", "fp16"])
-    actor_gradient_checkpointing: bool = opt(False, "Gradient checkpointing for the actor (with the critic's: peak "
-                                             "RSS 5.4 instead of 5.7-5.8 GB on bench W, about 5% slower).")
-    critic_gradient_checkpointing: bool = opt(False, "Gradient checkpointing for the critic.")
     length_groups: int = opt(3, "Scoring and training forwards run the rows of a batch in up to this many groups "
                              "by length, each without its all-padding columns (same numbers, fewer FLOPs; 1 = one "
-                             "padded batch).")
-    actor_dropout: float = opt(0.0, "Actor dropout (0 keeps old/new log-probs comparable).")
-    critic_dropout: float = opt(0.0, "Critic dropout.")
-    actor_lora_dim: int = opt(0, "Actor LoRA rank (0 = full).")
-    actor_lora_module_name: str = opt("layers.", "Linear layers of the actor that get LoRA.")
-    critic_lora_dim: int = opt(0, "Critic LoRA rank.")
-    critic_lora_module_name: str = opt("layers.", "Linear layers of the critic that get LoRA.")
-    lora_alpha: float = opt(0.0, "LoRA scale numerator (0 = rank).")
+                             "padded batch).", min=1)
+    lora_alpha: float = opt(0.0, "LoRA scale numerator (0 = rank).", min=0)
     only_optimize_lora: bool = opt(False, "Train only LoRA weights.")
-    actor_lora_learning_rate: float = opt(5e-4, "Actor LoRA learning rate.")
-    critic_lora_learning_rate: float = opt(5e-4, "Critic LoRA learning rate.")
     reference_from_lora: bool = opt(True, "With actor LoRA: the reference is the actor with adapters off (no "
                                           "second copy in memory).")
     # -- extras
@@ -101,8 +121,6 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
     reward_guard: float = opt(1e4, "Stop if a |reward| exceeds this (a broken reward model).")
     kl_guard: float = opt(100.0, "Stop if the mean KL exceeds this (a runaway policy).")
     eval_prompts: int = opt(32, "Held-out prompts for the before/after table (0 = none).")
-    local_rank: int = opt(-1, "Set by the deepspeed launcher.")
-    threads: int = opt(0, "CPU threads for torch (0 = default).")
     reuse_policy_forward: bool = opt(True, "With one PPO epoch, one generation batch and one micro-batch per step, "
                                            "the experience-time actor forward keeps its autograd graph and is also "
                                            "the update's forward (same numbers, one forward less; never with "
@@ -123,9 +141,41 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
         """Whether the algorithm trains a critic (read by the shared start-up checks in utils/)."""
         return algorithm(self.algo).needs_critic
 
+    @property
+    def zero_stage(self):
+        """The actor's ZeRO stage, named as the shared start-up line reads it."""
+        return self.actor_zero_stage
+
+    def uses_data_split(self) -> bool:
+        return self.task == "preference"  # task prompts come from their own files or generator
+
+    def data_locations(self) -> list:
+        ptx = [("unsupervised_dataset_name", self.unsupervised_dataset_name)] if self.unsupervised_dataset_name else []
+        return super().data_locations() + ptx
+
+    def reward_model_paths(self) -> list:
+        """The model:PATH entries of --reward (the critic path when none is given); a bad spec -> ConfigError."""
+        from step3_rlhf.tasks.rewards import ModelRewardSpec, parse_reward_specs
+        try:
+            specs = parse_reward_specs(self.reward or [f"model:{self.critic_model_name_or_path}"])
+        except ValueError as e:
+            raise ConfigError(f"--reward: {e}") from None
+        paths = [s.path for s in specs if isinstance(s, ModelRewardSpec)]
+        if len(paths) > 1:
+            raise ConfigError("--reward: only one model:PATH reward source is supported")
+        return paths
+
+    def model_locations(self) -> list:
+        """(flag, value) of every model/tokenizer the run loads, for the start-up checks."""
+        fields = ["tokenizer_name_or_path", "actor_model_name_or_path"] + \
+            (["critic_model_name_or_path"] if self.needs_critic else [])
+        out = [(f, getattr(self, f)) for f in fields if getattr(self, f)]
+        return out + [("reward", p) for p in self.reward_model_paths() if ("critic_model_name_or_path", p) not in out]
+
     def validate(self):
         if not self.actor_model_name_or_path:
             raise ConfigError("--actor_model_name_or_path is required (the step-1 output dir)")
+        check_common(self)
         needs_model_reward = not self.reward or any(r.startswith("model:") for r in self.reward)
         if not self.reward and not self.critic_model_name_or_path:
             raise ConfigError("no reward: pass --critic_model_name_or_path (a step-2 model) or --reward (rules)")
@@ -138,31 +188,49 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
         if self.num_generations < algo.min_generations:
             raise ConfigError(f"--algo {self.algo} compares samples of one prompt: set --num_generations >= "
                               f"{algo.min_generations}")
-        if self.length_groups < 1:
-            raise ConfigError(f"--length_groups must be >= 1 (1 = one padded batch), got {self.length_groups}")
         if self.min_answer_seq_len > self.max_answer_seq_len:
             raise ConfigError("--min_answer_seq_len is larger than --max_answer_seq_len")
         self._check_generation_backend()
         if self.only_optimize_lora and not self.actor_lora_dim:
             raise ConfigError("--only_optimize_lora needs --actor_lora_dim > 0")
-        if self.offload and max(self.actor_zero_stage, self.critic_zero_stage) == 0:
-            raise ConfigError("--offload needs a ZeRO stage >= 1 (--actor_zero_stage/--critic_zero_stage)")
         rows = self.per_device_generation_batch_size * self.num_generations
         if rows % self.per_device_training_batch_size:
             raise ConfigError(f"--per_device_training_batch_size {self.per_device_training_batch_size} must "
                               f"divide the {rows} sequences of a generation batch")
+        self._check_accumulation(rows)
+        self._check_deepspeed()
+        if not self.loss_agg:
+            self.loss_agg = algo.default_loss_agg
+
+    def _check_accumulation(self, rows):
         micro = self.generation_batches * rows // self.per_device_training_batch_size
         # an accumulation window then never mixes two steps' experience nor stays open at the end of the run (but
         # after a micro-batch the non-finite guard skipped: the next one takes its place in the window)
-        if self.gradient_accumulation_steps >= 1 and micro % self.gradient_accumulation_steps:
+        if micro % self.gradient_accumulation_steps:
             raise ConfigError(f"--gradient_accumulation_steps {self.gradient_accumulation_steps} must divide the "
                               f"{micro} micro-batches of a PPO epoch (--generation_batches x "
                               "--per_device_generation_batch_size x --num_generations / "
                               "--per_device_training_batch_size)")
-        if not self.loss_agg:
-            self.loss_agg = algo.default_loss_agg
-        self.zero_stage = self.actor_zero_stage  # read by shared start-up code
-        check_common(self)
+
+    def _check_deepspeed(self):
+        """Combinations DeepSpeed rejects, or accepts and silently ignores (which is worse)."""
+        stages = [self.actor_zero_stage] + ([self.critic_zero_stage] if self.needs_critic else [])
+        if self.offload and min(stages) == 0:
+            raise ConfigError("--offload needs ZeRO stage 1, 2 or 3 (--actor_zero_stage/--critic_zero_stage); at "
+                              "stage 0 DeepSpeed ignores it")
+        if self.offload_reference_model and self.actor_zero_stage != 3:
+            raise ConfigError("--offload_reference_model needs --actor_zero_stage 3 (DeepSpeed offloads the "
+                              "parameters of a frozen model only under ZeRO-3)")
+        if self.offload_reward_model and self.critic_zero_stage != 3:
+            raise ConfigError("--offload_reward_model needs --critic_zero_stage 3 (DeepSpeed offloads the "
+                              "parameters of a frozen model only under ZeRO-3)")
+        if self.inference_tp_size > 1 and not (self.enable_hybrid_engine and self.actor_zero_stage == 3):
+            raise ConfigError("--inference_tp_size > 1 needs --enable_hybrid_engine and --actor_zero_stage 3 (the "
+                              "hybrid engine shards for tensor parallelism only from ZeRO-3)")
+        if self.actor_zero_stage == 2 and self.critic_zero_stage == 2 and self.enable_hybrid_engine and \
+                self.offload and not self.actor_lora_dim:
+            raise ConfigError("ZeRO-2 actor and critic + --enable_hybrid_engine + --offload without actor LoRA is "
+                              "unsupported (DeepSpeed-Chat: training instability); use ZeRO-3")
 
     def _check_generation_backend(self):
         if self.generation_backend == "hybrid" and not self.enable_hybrid_engine:

@@ -127,15 +127,15 @@ class ReferenceScope:
 class EMA:
     """Exponential moving average of the actor's (gathered) parameters, kept on CPU in fp32."""
 
-    def __init__(self, model, decay, zero_stage):
+    def __init__(self, model, decay):
         from utils.models import gathered_state_dict
-        self.decay, self.zero_stage = decay, zero_stage
-        self.shadow = {k: v.float().cpu() for k, v in gathered_state_dict(model, zero_stage).items()
+        self.decay = decay
+        self.shadow = {k: v.float().cpu() for k, v in gathered_state_dict(model).items()
                        if v.is_floating_point()}
 
     @torch.no_grad()
     def update(self, model):
         from utils.models import gathered_state_dict
-        for k, v in gathered_state_dict(model, self.zero_stage).items():
+        for k, v in gathered_state_dict(model).items():
             if k in self.shadow:
                 self.shadow[k].mul_(self.decay).add_(v.float().cpu(), alpha=1 - self.decay)

@@ -44,7 +44,7 @@ def fit(maker, trainer, prompts, total_steps):
             trainer.ptx.load(state["ptx"])
         trainer.guard.load(state.get("guard"))
         step, epoch0, batch0, history = state["step"], state["epoch"], state["next_batch"], state.get("history", [])
-    bar = log.progress(total_steps, initial=step, desc="step3_rlhf")
+    bar = log.progress(total_steps, initial=step)  # named by the logger: cfg.stage_name
     epoch = epoch0
     while step < total_steps:
         batches = epoch_batches(len(prompts), cfg.per_device_generation_batch_size, ctx.world_size, ctx.rank,

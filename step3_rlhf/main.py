@@ -19,13 +19,14 @@ import math  # noqa: E402
 
 from step3_rlhf.config import RLHFConfig  # noqa: E402
 from step3_rlhf.engines import build_engines  # noqa: E402
-from step3_rlhf.evaluate import before_after_table, evaluate_policy  # noqa: E402
+from step3_rlhf.evaluate import evaluate_policy  # noqa: E402
 from step3_rlhf.experience_maker import ExperienceMaker  # noqa: E402
 from step3_rlhf.prompt_data import collate_prompts, load_prompts, ptx_batches  # noqa: E402
 from step3_rlhf.loop import fit  # noqa: E402
 from step3_rlhf.trainer import RLTrainer  # noqa: E402
 from utils.models import load_tokenizer, save_hf_model, save_hf_state, unwrap  # noqa: E402
 from utils.options import parse_config  # noqa: E402
+from utils.report_tables import before_after_table  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def plan_steps(cfg, n_prompts, world_size):
 
 def main(argv=None):
     cfg = parse_config(RLHFConfig, argv)
-    ctx = start_stage(cfg, "step3_rlhf")
+    ctx = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.actor_model_name_or_path, cfg.trust_remote_code)
     train_items, eval_items = load_prompts(cfg, tokenizer, ctx.log)
     eval_items = eval_items[: cfg.eval_prompts]
@@ -72,14 +73,13 @@ def main(argv=None):
 
     after = evaluate_policy(maker, eval_items, cfg.per_device_generation_batch_size, cfg.seed + 1) \
         if eval_items else None
-    save_hf_model(engines.actor, tokenizer, os.path.join(cfg.output_dir, "actor"), cfg.actor_zero_stage, ctx.rank)
+    save_hf_model(engines.actor, tokenizer, os.path.join(cfg.output_dir, "actor"), rank=ctx.rank)
     if engines.critic is not None:
-        save_hf_model(engines.critic, tokenizer, os.path.join(cfg.output_dir, "critic"), cfg.critic_zero_stage,
-                      ctx.rank)
+        save_hf_model(engines.critic, tokenizer, os.path.join(cfg.output_dir, "critic"), rank=ctx.rank)
     if trainer.ema is not None:
         save_hf_state(unwrap(engines.actor), trainer.ema.shadow, tokenizer, os.path.join(cfg.output_dir, "actor_ema"),
                       ctx.rank, dtype=ctx.dtype)
-    summary = {"stage": "step3_rlhf", "algo": cfg.algo, "steps": len(history), "history": history,
+    summary = {"stage": cfg.stage_name, "algo": cfg.algo, "steps": len(history), "history": history,
                "before": before, "after": after}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before and after and ctx.rank == 0:

@@ -23,8 +23,8 @@ class RLTrainer:
     def __init__(self, cfg, engines, ctx, ptx=None):
         self.cfg, self.e, self.ctx, self.ptx = cfg, engines, ctx, ptx
         self.log = ctx.log
-        self.ema = EMA(engines.actor, cfg.ema_decay, cfg.actor_zero_stage) if cfg.enable_ema else None
-        self.guard = NonFiniteGuard(cfg.max_bad_steps, "step3_rlhf")
+        self.ema = EMA(engines.actor, cfg.ema_decay) if cfg.enable_ema else None
+        self.guard = NonFiniteGuard(cfg.max_bad_steps, cfg.stage_name)
 
     def train_on(self, experiences: list[Experience], step: int) -> dict:
         """`ppo_epochs` passes over the experiences in micro-batches. Per micro-batch the actor is updated,

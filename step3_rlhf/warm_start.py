@@ -26,16 +26,17 @@ SFT teaches precisely the text the step-3 rewards score. Only the chat style can
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 if __package__ in (None, ""):  # `python step3_rlhf/warm_start.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from step3_rlhf.tasks import Task, get_task, task_names  # noqa: E402
+from step3_rlhf.tasks import Task, TaskChoices, get_task  # noqa: E402
 from step3_rlhf.tasks.prompts import THINK_OPEN, TaskPrompt  # noqa: E402
 from utils.data.synthetic import write_json_lines as write_jsonl  # noqa: E402
+from utils.options import opt, parse_config  # noqa: E402
 
 
 def sft_row(task_prompt: TaskPrompt, reply: str) -> dict:
@@ -96,22 +97,22 @@ def build_rows(task: str, data_path: str, n: int = 0, seed: int = 1234, num_coun
     return task_rows(spec, rows[:n] if n else rows, style)
 
 
+@dataclass
+class WarmStartConfig:
+    task: str = opt("countdown", "A task of step3_rlhf/tasks.", choices=TaskChoices())
+    data_path: str = opt("generate", "A JSONL of tasks ({target, nums} or {question, answer}); 'generate' for "
+                                     "built-in Countdown.")
+    out: str = opt("", "Output JSONL (prompt/response rows for step 1).", required=True)
+    n: int = opt(0, "Rows to write (0 = every task; 2000 when generating).")
+    num_count: int = opt(0, "Only tasks of this size, e.g. Countdown tasks with this many numbers (0 = any).")
+    seed: int = opt(1234, "Seed of the built-in Countdown generator.")
+    prompt_style: str = opt("chat", "Must match step 3's --prompt_style (only chat can be rendered by step 1).",
+                            choices=["chat"])
+    tokenizer: str = opt("", "Check that step 1 and step 3 render the first row to the same prompt tokens.")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=task_names(), default="countdown", help="A task of step3_rlhf/tasks.")
-    p.add_argument("--data_path", default="generate",
-                   help="A JSONL of tasks ({target, nums} or {question, answer}); 'generate' for built-in Countdown.")
-    p.add_argument("--out", required=True, help="Output JSONL (prompt/response rows for step 1).")
-    p.add_argument("--n", type=int, default=0, help="Rows to write (0 = every task; 2000 when generating).")
-    p.add_argument("--num_count", type=int, default=0,
-                   help="Only tasks of this size, e.g. Countdown tasks with this many numbers (0 = any).")
-    p.add_argument("--seed", type=int, default=1234, help="Seed of the built-in Countdown generator.")
-    p.add_argument("--prompt_style", choices=["chat"], default="chat",
-                   help="Must match step 3's --prompt_style (only chat can be rendered by step 1).")
-    p.add_argument("--tokenizer", default="",
-                   help="Check that step 1 and step 3 render the first row to the same prompt tokens.")
-    args = p.parse_args(argv)
+    args = parse_config(WarmStartConfig, argv, description=__doc__.split("\n\n")[0])
     try:
         rows = build_rows(args.task, args.data_path, args.n, args.seed, args.num_count, args.prompt_style)
     except (OSError, ValueError) as err:

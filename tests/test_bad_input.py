@@ -24,7 +24,7 @@ from utils.options import parse_config
 from utils.stage import preflight, user_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {1: (SFTConfig, "step1_sft"), 2: (RewardConfig, "step2_reward_model"), 3: (RLHFConfig, "step3_rlhf")}
+CONFIGS = {1: SFTConfig, 2: RewardConfig, 3: RLHFConfig}
 GOOD = [{"prompt": f"What is {i} + {i}?", "chosen": f"{i} + {i} = {2 * i}.", "rejected": "No idea."}
         for i in range(1, 4)]  # lines 1-3 of every bad file; the defect is on line 4
 
@@ -99,12 +99,12 @@ def files(tmp_path_factory, tiny_model_dir):
 def startup(stage, argv, capsys):
     """(exit code, message) of what `python stepN/main.py ARGV` does before any model: flags, preflight, then
     the data rows (read right after DeepSpeed starts), with run_main's mapping of errors to exit codes."""
-    cls, name = CONFIGS[stage]
     try:
-        cfg = parse_config(cls, argv)
-        preflight(cfg, name)
-        if getattr(cfg, "task", "preference") == "preference":
-            load_stage_rows(cfg.data_path, cfg.data_split, stage - 1, cfg.seed, cfg.eval_fraction, cfg.on_bad_rows)
+        cfg = parse_config(CONFIGS[stage], argv)
+        preflight(cfg)
+        if cfg.uses_data_split():
+            load_stage_rows(cfg.data_path, cfg.data_split, cfg.data_split_index, cfg.seed, cfg.eval_fraction,
+                            cfg.on_bad_rows)
     except SystemExit as e:
         return e.code, capsys.readouterr().err.strip()
     except user_errors() as e:

@@ -173,7 +173,7 @@ def _trainer(rl_setup, name, *extra, **cfg_overrides):
     cfg = parse_config(RLHFConfig, argv)
     for k, v in cfg_overrides.items():
         setattr(cfg, k, v)
-    ctx = start_stage(cfg, "step3_rlhf")
+    ctx = start_stage(cfg)
     tok = load_tokenizer(actor)
     items, _ = load_prompts(cfg, tok, ctx.log)
     engines = build_engines(cfg, ctx, 10, ctx.log)

@@ -149,7 +149,7 @@ def hybrid_maker(tiny_model_dir, tmp_path_factory):
             "--output_dir", str(root / "out"), "--max_prompt_seq_len", "24", "--max_answer_seq_len", "6",
             "--dtype", "fp32", "--threads", "1", "--disable_progress_bar", "--no_resume", "--enable_hybrid_engine"]
     cfg = parse_config(RLHFConfig, argv)
-    ctx = start_stage(cfg, "step3_rlhf")
+    ctx = start_stage(cfg)
     tok = load_tokenizer(tiny_model_dir)
     items, _ = load_prompts(cfg, tok, ctx.log)
     engines = build_engines(cfg, ctx, 10, ctx.log)  # on CPU a plain engine: the stand-in plays the hybrid one

@@ -77,7 +77,7 @@ def rl_argv(actor, critic, data, out, *extra):
 def build_trainer(argv, total_steps=10):
     """(experience maker, trainer, prompt items) of a step-3 run built from `argv`."""
     cfg = parse_config(RLHFConfig, argv)
-    ctx = start_stage(cfg, "step3_rlhf")
+    ctx = start_stage(cfg)
     tok = load_tokenizer(cfg.actor_model_name_or_path)
     items, _ = load_prompts(cfg, tok, ctx.log)
     engines = build_engines(cfg, ctx, total_steps, ctx.log)

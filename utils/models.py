@@ -239,10 +239,20 @@ def unwrap(model):
     return model.model if isinstance(model, TokenValues) else model
 
 
-def gathered_state_dict(model, zero_stage: int) -> dict:
-    """Full fp32-or-native state dict on every rank (ZeRO-3 shards gathered)."""
+def zero_stage_of(model) -> int:
+    """The ZeRO stage `model` is under: a DeepSpeed engine knows its own; a plain module is at stage 3 only when
+    its parameters were partitioned by ZeRO-3 (they carry a `ds_id`), else 0. The same on every rank."""
+    stage = getattr(model, "zero_optimization_stage", None)
+    if callable(stage):
+        return stage()
+    return 3 if any(hasattr(p, "ds_id") for p in model.parameters()) else 0
+
+
+def gathered_state_dict(model) -> dict:
+    """Full fp32-or-native state dict on every rank (ZeRO-3 shards gathered: a collective, so every rank calls it)."""
+    zero3 = zero_stage_of(model) == 3
     model = unwrap(model)
-    if zero_stage != 3:
+    if not zero3:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
     import deepspeed
     out = {}
@@ -254,9 +264,9 @@ def gathered_state_dict(model, zero_stage: int) -> dict:
     return out
 
 
-def save_hf_model(model, tokenizer, out_dir, zero_stage=0, rank=0, dtype=None):
+def save_hf_model(model, tokenizer, out_dir, *, rank=0, dtype=None):
     """Write a plain HF checkpoint (LoRA merged, safetensors) that `from_pretrained` loads."""
-    save_hf_state(unwrap(model), gathered_state_dict(model, zero_stage), tokenizer, out_dir, rank, dtype)
+    save_hf_state(unwrap(model), gathered_state_dict(model), tokenizer, out_dir, rank, dtype)
 
 
 def save_hf_state(model, state, tokenizer, out_dir, rank=0, dtype=None):

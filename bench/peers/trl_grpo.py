@@ -7,30 +7,18 @@ Settings mirror our GRPO run: 8 prompts x G=8 = 64 completions per generation, e
 completions (steps_per_generation 8), one iteration, the reward model = the value-head checkpoint.
 Prints one JSON line with seconds per RL step (8 optimizer steps; the warm-up step dropped).
 """
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import StepClock, load_prompt_ids, report  # noqa: E402
+from common import StepClock, load_prompt_ids, peer_args, report  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", required=True)
-    ap.add_argument("--reward", required=True)
-    ap.add_argument("--prompts", required=True)
-    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
-    ap.add_argument("--steps", type=int, default=1, help="timed RL steps after one warm-up step")
-    ap.add_argument("--prompts_per_step", type=int, default=8)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--new_tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--output_dir", default="/tmp/trl_grpo_bench")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = peer_args(__doc__, "--reward", 1, "timed RL steps after one warm-up step", "/tmp/trl_grpo_bench",
+                  sizes=(("--prompts_per_step", 8), ("--group", 8)))
     import trl
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback

@@ -8,7 +8,6 @@ policy = reference = the same checkpoint, value = reward = the same value-head c
 checkpointing (TRL's default is on; off is faster), no sample generations, no logging sinks.
 Prints one JSON line; seconds per step (warm-up step dropped) and generation seconds per step.
 """
-import argparse
 import os
 import sys
 import time
@@ -16,22 +15,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import StepClock, load_prompt_ids, report  # noqa: E402
+from common import StepClock, load_prompt_ids, peer_args, report  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", required=True)
-    ap.add_argument("--value", required=True)
-    ap.add_argument("--prompts", required=True)
-    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
-    ap.add_argument("--steps", type=int, default=8, help="timed steps after one warm-up step")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--new_tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--output_dir", default="/tmp/trl_ppo_bench")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    a = peer_args(__doc__, "--value", 8, "timed steps after one warm-up step", "/tmp/trl_ppo_bench",
+                  sizes=(("--batch", 8),))
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import trl
     from datasets import Dataset

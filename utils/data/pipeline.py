@@ -9,14 +9,12 @@ from utils.data.datasets import (PairDataset, PromptDataset, SFTDataset, cache_k
 from utils.data.rows import DataError
 from utils.data.splits import load_stage_rows
 
-SFT, REWARD, RLHF = 0, 1, 2
-
-
 def cache_dir_for(cfg):
     return cfg.data_output_path or os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), ".data_cache")
 
 
-def _stage_datasets(cfg, tokenizer, log, stage, dataset_cls, max_len, **kw):
+def _stage_datasets(cfg, tokenizer, log, dataset_cls, max_len, **kw):
+    stage = cfg.data_split_index  # the stage config says which --data_split share it reads
     train_rows, eval_rows, skipped = load_stage_rows(cfg.data_path, cfg.data_split, stage, cfg.seed,
                                                      cfg.eval_fraction, cfg.on_bad_rows)
     if skipped:
@@ -43,16 +41,16 @@ def _build(dataset_cls, rows, tokenizer, max_len, log, **kw):
 
 
 def sft_datasets(cfg, tokenizer, log):
-    train, evals = _stage_datasets(cfg, tokenizer, log, SFT, SFTDataset, cfg.max_seq_len,
+    train, evals = _stage_datasets(cfg, tokenizer, log, SFTDataset, cfg.max_seq_len,
                                    train_on_prompt=cfg.train_on_prompt)
     return train, evals, functools.partial(collate_right_padded, pad_id=tokenizer.pad_token_id)
 
 
 def pair_datasets(cfg, tokenizer, log):
-    train, evals = _stage_datasets(cfg, tokenizer, log, REWARD, PairDataset, cfg.max_seq_len)
+    train, evals = _stage_datasets(cfg, tokenizer, log, PairDataset, cfg.max_seq_len)
     return train, evals, functools.partial(collate_pairs, pad_id=tokenizer.pad_token_id)
 
 
 def prompt_datasets(cfg, tokenizer, log):
-    train, evals = _stage_datasets(cfg, tokenizer, log, RLHF, PromptDataset, cfg.max_prompt_seq_len)
+    train, evals = _stage_datasets(cfg, tokenizer, log, PromptDataset, cfg.max_prompt_seq_len)
     return train, evals, functools.partial(collate_left_padded_prompts, pad_id=tokenizer.pad_token_id)

@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
 
 from utils.data.readers import read_source
 from utils.data.rows import DataError, PreferenceRow
 from utils.data.templates import format_prompt
+from utils.options import ConfigError, check_fields, opt, parse_config
 
 SOURCE_FATAL = ("unreadable", "unknown_source")
 
@@ -67,16 +70,22 @@ def validate(paths: list[str], max_chars: int | None = None, tokenizer=None, max
     return 2 if fatal else (1 if total else 0)
 
 
+@dataclass
+class ValidateConfig:
+    files: list = opt([], "files, directories or dataset names (as --data_path)", positional=True)
+    max_chars: Optional[int] = opt(None, "flag prompts longer than this")
+    tokenizer: Optional[str] = opt(None, "tokenizer directory for the token-length check")
+    max_seq_len: Optional[int] = opt(None, None)
+
+    def validate(self):
+        check_fields(self)
+        if (self.tokenizer is None) != (self.max_seq_len is None):
+            raise ConfigError("--tokenizer and --max_seq_len go together")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Validate preference/SFT data files.")
-    parser.add_argument("files", nargs="+", help="files, directories or dataset names (as --data_path)")
-    parser.add_argument("--max_chars", type=int, default=None, help="flag prompts longer than this")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory for the token-length check")
-    parser.add_argument("--max_seq_len", type=int, default=None)
-    args = parser.parse_args(argv)
-    if (args.tokenizer is None) != (args.max_seq_len is None):
-        print("--tokenizer and --max_seq_len go together", file=sys.stderr)
-        return 2
+    args = parse_config(ValidateConfig, argv, description="Validate preference/SFT data files.",
+                        formatter_class=argparse.HelpFormatter)
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
