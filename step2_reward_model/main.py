@@ -24,6 +24,7 @@ from utils.engine import build_train_engine  # noqa: E402
 from utils.losses import gather_last, last_token_index, pairwise_accuracy, pairwise_reward_loss  # noqa: E402
 from utils.models import TokenValues, load_tokenizer, load_value_model, save_hf_model, value_head  # noqa: E402
 from utils.options import ConfigError, parse_config  # noqa: E402
+from utils.plan import dry_run  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
 
@@ -120,6 +121,8 @@ def write_pair_scores(path, triples):
 
 def main(argv=None):
     cfg = parse_config(RewardConfig, argv)
+    if cfg.dry_run:  # plan + memory estimate, no training (utils/plan.py)
+        return dry_run(cfg, "step2_reward_model")
     ctx = start_stage(cfg, "step2_reward_model")
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
     if cfg.chat_template == "none":

@@ -25,6 +25,7 @@ from step3_rlhf.loop import fit  # noqa: E402
 from step3_rlhf.trainer import RLTrainer  # noqa: E402
 from utils.models import load_tokenizer, save_hf_model, save_hf_state, unwrap  # noqa: E402
 from utils.options import parse_config  # noqa: E402
+from utils.plan import dry_run  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 
 
@@ -41,6 +42,8 @@ def plan_steps(cfg, n_prompts, world_size):
 
 def main(argv=None):
     cfg = parse_config(RLHFConfig, argv)
+    if cfg.dry_run:  # plan + memory estimate, no training (utils/plan.py)
+        return dry_run(cfg, "step3_rlhf")
     ctx = start_stage(cfg, "step3_rlhf")
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.actor_model_name_or_path, cfg.trust_remote_code)
     train_items, eval_items = load_prompts(cfg, tokenizer, ctx.log)
