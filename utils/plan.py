@@ -54,6 +54,10 @@ class ModelShape:
         return self.hidden // max(self.heads, 1)
 
 
+def millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
 def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -216,7 +220,7 @@ def _supervised_plan(cfg, stage, world, dtype, device_type):
     shape = model_shape(cfg.model_name_or_path, value, cfg.trust_remote_code)
     unit = "pairs" if value else "sequences"
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    lines = [f"model {cfg.model_name_or_path}: {shape.model_type}, {shape.params / 1e6:.1f}M parameters"
+    lines = [f"model {cfg.model_name_or_path}: {shape.model_type}, {millions(shape.params)} parameters"
              + (f", LoRA rank {cfg.lora_dim}{' only' if cfg.only_optimize_lora else ''}" if cfg.lora_dim else ""),
              f"data {' '.join(cfg.data_path)}: {len(train_set)} training / {len(eval_set)} eval {unit}",
              f"batch {cfg.per_device_train_batch_size} per process x {cfg.gradient_accumulation_steps} accumulation x "
@@ -243,10 +247,10 @@ def _rlhf_plan(cfg, world, dtype, device_type):
     reward = model_shape(reward_paths[0], True, cfg.trust_remote_code) if reward_paths else None
     reference = needs_reference(cfg) and not (cfg.actor_lora_dim and cfg.reference_from_lora and cfg.only_optimize_lora)
     backend, why = generation_path(cfg, device_type, actor.model_type, world)
-    models = [f"actor {actor.params / 1e6:.1f}M (ZeRO {cfg.actor_zero_stage})"] + \
+    models = [f"actor {millions(actor.params)} (ZeRO {cfg.actor_zero_stage})"] + \
         (["reference (frozen copy)"] if reference else []) + \
-        ([f"critic {critic.params / 1e6:.1f}M (ZeRO {cfg.critic_zero_stage})"] if critic else []) + \
-        ([f"reward model {reward.params / 1e6:.1f}M (frozen)"] if reward else [])
+        ([f"critic {millions(critic.params)} (ZeRO {cfg.critic_zero_stage})"] if critic else []) + \
+        ([f"reward model {millions(reward.params)} (frozen)"] if reward else [])
     rows = cfg.per_device_generation_batch_size * cfg.num_generations
     lines = [f"{cfg.algo}: {', '.join(models)}; {actor.model_type}",
              f"prompts: {len(train_items)} training / {len(eval_items[: cfg.eval_prompts])} held-out ({cfg.task})",
