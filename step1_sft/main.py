@@ -101,7 +101,8 @@ def main(argv=None):
         dump_weight_hash(engine, cfg.zero_stage, ctx.rank, os.environ["RLHFKIT_DUMP_WEIGHT_HASH"])
     save_hf_model(engine, tokenizer, cfg.output_dir, cfg.zero_stage, ctx.rank)
     summary = {"stage": "step1_sft", "steps": steps, "before": before, "after": after,
-               "train_sequences": len(train_set), "eval_sequences": len(eval_set)}
+               "train_sequences": len(train_set), "eval_sequences": len(eval_set),
+               "wall_seconds": ctx.log.elapsed()}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before:
         ctx.log.info(f"eval loss {before['eval/loss']:.4f} -> {after['eval/loss']:.4f} "

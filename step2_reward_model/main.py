@@ -21,7 +21,8 @@ import torch  # noqa: E402
 from step2_reward_model.config import RewardConfig  # noqa: E402
 from utils.data.pipeline import pair_datasets  # noqa: E402
 from utils.engine import build_train_engine  # noqa: E402
-from utils.losses import gather_last, last_token_index, pairwise_accuracy, pairwise_reward_loss  # noqa: E402
+from utils.losses import (gather_last, last_token_index, pairwise_accuracy, pairwise_outcomes,  # noqa: E402
+                          pairwise_reward_loss)
 from utils.models import TokenValues, load_tokenizer, load_value_model, save_hf_model, value_head  # noqa: E402
 from utils.options import ConfigError, parse_config  # noqa: E402
 from utils.plan import dry_run  # noqa: E402
@@ -82,7 +83,8 @@ def pair_scores(engine, batch, chunk=0, score_offset=0):
 def reward_step(engine, batch, center_coef, chunk=0, score_offset=0):
     chosen, rejected = pair_scores(engine, batch, chunk, score_offset)
     loss = pairwise_reward_loss(chosen, rejected, center_coef)
-    return loss, {"train/loss": loss.detach(), "train/accuracy": pairwise_accuracy(chosen, rejected),
+    return loss, {"train/loss": loss.detach(), "train/accuracy": pairwise_accuracy(chosen, rejected)  # a tie counts half
+                  + 0.5 * (chosen == rejected).float().mean(),
                   "train/chosen_score": chosen.mean().detach(), "train/rejected_score": rejected.mean().detach()}
 
 
@@ -102,11 +104,13 @@ def eval_pair_scores(engine, dataset, collate, batch_size, device, chunk=0, scor
 
 
 def eval_metrics(triples):
-    """Accuracy (a tie is wrong), mean chosen/rejected score, mean margin and mean pairwise loss."""
+    """Accuracy (a tie counts half; strict: a tie is wrong), tie fraction, mean chosen/rejected score, mean
+    margin and mean pairwise loss."""
     n = max(len(triples), 1)
     c = torch.tensor([t[1] for t in triples], dtype=torch.float64)
     r = torch.tensor([t[2] for t in triples], dtype=torch.float64)
-    return {"eval/accuracy": (c > r).double().sum().item() / n, "eval/chosen_score": c.sum().item() / n,
+    outcomes = pairwise_outcomes(c.tolist(), r.tolist())
+    return {**{f"eval/{k}": v for k, v in outcomes.items()}, "eval/chosen_score": c.sum().item() / n,
             "eval/rejected_score": r.sum().item() / n, "eval/margin": (c - r).sum().item() / n,
             "eval/loss": torch.nn.functional.softplus(r - c).sum().item() / n}
 
@@ -173,11 +177,13 @@ def main(argv=None):
         write_pair_scores(cfg.eval_scores_path, eval_clock["scores"])
     save_hf_model(engine, tokenizer, cfg.output_dir, cfg.zero_stage, ctx.rank)
     summary = {"stage": "step2_reward_model", "steps": steps, "before": before, "after": after,
-               "train_pairs": len(train_set), "eval_pairs": len(eval_set), "train_seconds": round(train_seconds, 1)}
+               "train_pairs": len(train_set), "eval_pairs": len(eval_set), "train_seconds": round(train_seconds, 1),
+               "wall_seconds": ctx.log.elapsed()}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before:
         ctx.log.info(f"pairwise accuracy on {len(eval_set)} held-out pairs {before['eval/accuracy']:.3f} -> "
-                     f"{after['eval/accuracy']:.3f} (chosen {after['eval/chosen_score']:.3f}, rejected "
+                     f"{after['eval/accuracy']:.3f} (a tie counts half; ties {before['eval/tie_fraction']:.0%} -> "
+                     f"{after['eval/tie_fraction']:.0%}; chosen {after['eval/chosen_score']:.3f}, rejected "
                      f"{after['eval/rejected_score']:.3f})")
     ctx.log.info(f"saved the reward model (AutoModelForSequenceClassification, HF format) to {cfg.output_dir}")
     ctx.log.close()

@@ -79,7 +79,7 @@ def main(argv=None):
         save_hf_state(unwrap(engines.actor), trainer.ema.shadow, tokenizer, os.path.join(cfg.output_dir, "actor_ema"),
                       ctx.rank, dtype=ctx.dtype)
     summary = {"stage": "step3_rlhf", "algo": cfg.algo, "steps": len(history), "history": history,
-               "before": before, "after": after}
+               "before": before, "after": after, "wall_seconds": ctx.log.elapsed()}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before and after and ctx.rank == 0:
         print(before_after_table(before, after), flush=True)

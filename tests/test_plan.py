@@ -81,3 +81,4 @@ def test_dry_run_bad_model_config_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{\"model_type\": \"no-such-family\"}")
     with pytest.raises(ModelLoadError, match="cannot read the config"):
         model_shape(str(tmp_path))
+

@@ -22,6 +22,11 @@ class RunLogger:
             path = cfg.tensorboard_path or os.path.join(cfg.output_dir, "tensorboard")
             self.writer = SummaryWriter(os.path.join(path, stage))
         self.timers = {}
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Wall seconds since the stage started (written into its summary.json as wall_seconds)."""
+        return round(time.perf_counter() - self.started, 1)
 
     def info(self, msg):
         if self.rank == 0:
