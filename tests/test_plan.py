@@ -48,10 +48,14 @@ def test_rlhf_memory_peak_phase_by_hand():
     kv = 2 * 2 * 1 * 4 * 4 * 10 * 2            # 2 x layers x kv heads x head dim x rows x length x bytes
     assert kv_cache_bytes(SHAPE, 4, 10, 2) == kv == 1280
     experience = 4 * 10 * 50 * (2 + 4)         # no-grad logits of every generated row: 12000
-    act, logits = 2 * 10 * 2 * 2 * 80, 2 * 10 * 50 * 10  # a training micro-batch of 2 rows x 10 tokens
-    assert act + logits == 16400 > experience > kv
-    assert mem["phase"] == "train" and mem["activations"] == act and mem["logits"] == logits
-    assert mem["total"] == pytest.approx(8000 + 12000 + 24000 + 16400 + mem["runtime"])
+    act, logits = 2 * 10 * 2 * 2 * 80, 2 * 10 * 50 * 2 * 2  # a training micro-batch: 2 rows x 10 tokens
+    assert act + logits == 10400 < experience and kv < experience
+    assert mem["phase"] == "experience" and mem["logits"] == experience and "activations" not in mem
+    assert mem["total"] == pytest.approx(8000 + 12000 + 24000 + 12000 + mem["runtime"])
+    # a larger training micro-batch makes training the peak
+    mem = rlhf_memory(SHAPE, None, nbytes=2, world=1, actor_zero=0, critic_zero=0, reference=False,
+                      reward_model=None, gen_rows=4, train_rows=4, prompt_len=6, answer_len=4)
+    assert mem["phase"] == "train" and mem["activations"] == 2 * act and mem["logits"] == 2 * logits
 
 
 def test_generation_path_rule():

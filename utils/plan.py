@@ -11,7 +11,8 @@ against a hand computation; bench/memory_estimate.py compares them with measured
 - optimizer: trained parameters x (8 for Adam's two fp32 moments + 4 for the fp32 master copy of a 16-bit
   model) (ZeRO >= 1: / processes);
 - activations: what backward keeps per token and layer (ACT_* below) x tokens of a micro-batch;
-- logits: tokens x vocabulary x (dtype bytes + 8: the fp32 log-softmax and its gradient; + 4 without grad);
+- logits: tokens x vocabulary x (dtype bytes + 8: the fp32 log-softmax and its gradient; + 4 without grad;
+  step 3's training log-probs keep only the logits and their gradient in the dtype: 2 x dtype bytes);
 - KV cache (step 3): 2 x layers x KV heads x head dim x rows x (prompt + answer) x dtype bytes;
 - runtime: the Python process itself (torch, DeepSpeed, transformers, gloo), measured on CPU.
 Peak = all persistent terms + the largest transient phase (training micro-batch, or in step 3 generation /
@@ -120,6 +121,12 @@ def logits_bytes(shape: ModelShape, tokens, nbytes, with_grad=True) -> float:
     return tokens * shape.vocab * (nbytes + (8 if with_grad else 4))
 
 
+def label_logprob_bytes(shape: ModelShape, tokens, nbytes) -> float:
+    """Step 3's training log-probs: the logits and their gradient, both in the model's dtype (utils/losses.py
+    _LabelLogProb keeps no fp32 copy of [tokens, vocabulary])."""
+    return tokens * shape.vocab * 2 * nbytes
+
+
 def kv_cache_bytes(shape: ModelShape, rows, length, nbytes) -> float:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * rows * length * nbytes
 
@@ -168,7 +175,7 @@ def rlhf_memory(actor: ModelShape, critic: ModelShape | None, *, nbytes, world, 
     if reward_model is not None:
         persistent = add(persistent, frozen_bytes(reward_model.params, nbytes, critic_zero, world))
     train = {"activations": activation_bytes(actor, train_rows * length, nbytes, fused, actor_checkpointing),
-             "logits": logits_bytes(actor, train_rows * length, nbytes)}
+             "logits": label_logprob_bytes(actor, train_rows * length, nbytes)}
     if critic is not None:  # the critic trains after the actor's graph is freed: the larger of the two counts
         c = activation_bytes(critic, train_rows * length, nbytes, fused, critic_checkpointing)
         train["activations"] = max(train["activations"], c)
