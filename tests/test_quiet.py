@@ -48,3 +48,19 @@ def test_other_transformers_warnings_stay():
     finally:
         hf_logger.removeHandler(handler)
     assert seen == ["something the user must fix"]
+
+
+def test_cache_kwargs_use_the_current_transformers_name(tiny_model_dir):
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from utils.hf_compat import cache_kwargs
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cache = DynamicCache(config=model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the deprecated name would raise here on transformers 5.x
+        model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True, **cache_kwargs(model, cache))
+        model(input_ids=torch.tensor([[8]]), use_cache=True, **cache_kwargs(model, cache))
+    assert cache.get_seq_length() == 4  # the cache passed under that name is the one the model filled
