@@ -1,6 +1,7 @@
 """--dry_run: the memory estimate's arithmetic against a hand computation, the generation-path rule, and a
 dry run of a real stage that plans without training."""
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -86,3 +87,24 @@ def test_dry_run_bad_model_config_is_one_line(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot read the config"):
         model_shape(str(tmp_path))
 
+
+
+def test_step3_dry_run_names_models_generation_path_and_peak(tiny_model_dir, tmp_path, capsys):
+    from step3_rlhf.main import main
+    main(["--actor_model_name_or_path", tiny_model_dir, "--critic_model_name_or_path", tiny_model_dir,
+          "--data_path", "synthetic:40", "--max_prompt_seq_len", "16", "--max_answer_seq_len", "8", "--dtype", "fp32",
+          "--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "2", "--dry_run",
+          "--output_dir", str(tmp_path / "step3")])
+    printed = capsys.readouterr().out
+    assert "actor" in printed and "reference (frozen copy)" in printed and "critic" in printed
+    assert "reward model" in printed and "generation: fast" in printed
+    assert re.search(r"peak memory per process \(estimate\): [0-9.]+ GB at (train|experience|generation)", printed)
+    assert not (tmp_path / "step3" / "actor").exists()
+
+
+def test_dry_run_fails_on_a_bad_data_path_before_anything(tiny_model_dir, tmp_path):
+    from step2_reward_model.main import main
+    from utils.options import ConfigError
+    with pytest.raises(ConfigError, match="no such file"):
+        main(["--model_name_or_path", tiny_model_dir, "--data_path", str(tmp_path / "missing.jsonl"), "--dry_run",
+              "--output_dir", str(tmp_path / "step2")])
