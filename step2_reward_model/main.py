@@ -83,8 +83,8 @@ def pair_scores(engine, batch, chunk=0, score_offset=0):
 def reward_step(engine, batch, center_coef, chunk=0, score_offset=0):
     chosen, rejected = pair_scores(engine, batch, chunk, score_offset)
     loss = pairwise_reward_loss(chosen, rejected, center_coef)
-    return loss, {"train/loss": loss.detach(), "train/accuracy": pairwise_accuracy(chosen, rejected)  # a tie counts half
-                  + 0.5 * (chosen == rejected).float().mean(),
+    accuracy = pairwise_accuracy(chosen, rejected) + 0.5 * (chosen == rejected).float().mean()  # a tie counts half
+    return loss, {"train/loss": loss.detach(), "train/accuracy": accuracy,
                   "train/chosen_score": chosen.mean().detach(), "train/rejected_score": rejected.mean().detach()}
 
 

@@ -1,6 +1,5 @@
 """--dry_run: the memory estimate's arithmetic against a hand computation, the generation-path rule, and a
 dry run of a real stage that plans without training."""
-import os
 import re
 from types import SimpleNamespace
 

@@ -48,7 +48,8 @@ def choose_cpu_dtype(bf16_supported: bool, rates: dict | None) -> tuple[str, str
         return "fp32", "this CPU has no bf16 support"
     if rates["bf16"] >= rates["fp32"]:
         return "bf16", f"bf16 matmul {rates['bf16']:.0f} GFLOP/s >= fp32 {rates['fp32']:.0f} on this CPU"
-    return "fp32", f"bf16 matmul {rates['bf16']:.0f} GFLOP/s < fp32 {rates['fp32']:.0f} on this CPU (bf16 would be slower)"
+    return "fp32", (f"bf16 matmul {rates['bf16']:.0f} GFLOP/s < fp32 {rates['fp32']:.0f} on this CPU "
+                    "(bf16 would be slower)")
 
 
 def cached_rates(cache_path: str, probe=matmul_rates) -> dict:

@@ -20,7 +20,6 @@ experience scoring / training).
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -79,7 +78,9 @@ def model_shape(name_or_path: str, value_model=False, trust_remote_code=False) -
         else:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    get = lambda *names, default=0: next((getattr(text, n) for n in names if getattr(text, n, None)), default)  # noqa: E731
+
+    def get(*names, default=0):  # the first of several config names a family uses for one quantity
+        return next((getattr(text, n) for n in names if getattr(text, n, None)), default)
     hidden = get("hidden_size", "d_model", "n_embd")
     heads = get("num_attention_heads", "n_head", default=1)
     return ModelShape(params=sum(p.numel() for p in model.parameters()), layers=get("num_hidden_layers", "n_layer"),
