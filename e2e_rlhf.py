@@ -52,6 +52,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# DeepSpeed-Chat's e2e_rlhf.py takes OPT sizes ("--actor-model 1.3b --reward-model 350m"); they still work
+UPSTREAM_SIZES = ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")
+
+
+def hub_name(model: str) -> str:
+    return f"facebook/opt-{model}" if model.lower() in UPSTREAM_SIZES else model
+
+
 def model_family(actor_model: str) -> str:
     """The preset family: llama for Llama-style names, else OPT (DeepSpeed-Chat's two script families)."""
     return "llama" if "llama" in actor_model.lower() else "opt"
@@ -163,6 +171,7 @@ def wrap_up(out: str, times: dict) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.actor_model, args.reward_model = hub_name(args.actor_model), hub_name(args.reward_model)
     out = os.path.abspath(args.output_dir)
     times = {}
     for step in sorted(set(args.step)):

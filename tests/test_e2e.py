@@ -83,6 +83,7 @@ def test_dry_run_is_passed_on_and_leaves_no_marker(fake_presets, tmp_path):
 def test_preset_choice_follows_upstream_layout():
     assert e2e_rlhf.model_family("facebook/opt-1.3b") == "opt"
     assert e2e_rlhf.model_family("meta-llama/Llama-2-7b-hf") == "llama"
+    assert e2e_rlhf.hub_name("1.3b") == "facebook/opt-1.3b" and e2e_rlhf.hub_name("out/actor") == "out/actor"
     for step in (1, 2, 3):
         for dep in ("single_gpu", "single_node", "multi_node", "cpu"):
             assert os.path.isfile(e2e_rlhf.preset_script(step, dep, "opt"))
