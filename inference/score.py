@@ -22,13 +22,15 @@ from inference.common import (TRUNCATION_RULE, effective_max_len, encode_replies
                               quiet_transformers, score_items, score_sequences)
 from utils.data.readers import read_rows
 from utils.data.rows import DataError, check_text, prompt_messages
+from utils.losses import pair_credit, pairwise_outcomes
 from utils.models import ModelLoadError
 from utils.options import ConfigError, check_fields, opt, parse_config
 
 
 # ------------------------------------------------------------------------------------------ pure statistics
-def bootstrap_ci(correct: list[bool], n_resamples: int, seed: int, level: float = 0.95):
-    """Percentile bootstrap interval of the mean of `correct` (resample pairs with replacement);
+def bootstrap_ci(correct: list[float], n_resamples: int, seed: int, level: float = 0.95):
+    """Percentile bootstrap interval of the mean of `correct` (each pair's credit: 1, 0.5 for a tie, or 0;
+    resample pairs with replacement);
     None when n_resamples is 0 or there is no pair. Same seed -> same interval."""
     if n_resamples <= 0 or not correct:
         return None
@@ -42,14 +44,15 @@ def bootstrap_ci(correct: list[bool], n_resamples: int, seed: int, level: float 
 
 
 def pairwise_summary(chosen: list[float], rejected: list[float], n_resamples: int = 1000, seed: int = 1234) -> dict:
-    """Accuracy (chosen strictly above rejected; a tie counts as wrong), mean scores, mean margin, bootstrap CI."""
+    """Accuracy (a tie counts half), strict accuracy (a tie counts wrong), ties, mean scores, mean margin,
+    bootstrap CI of the accuracy."""
     n = len(chosen)
-    correct = [c > r for c, r in zip(chosen, rejected)]
-    accuracy = sum(correct) / n if n else 0.0
+    credit = [pair_credit(c, r) for c, r in zip(chosen, rejected)]
     return {
         "n_pairs": n,
-        "accuracy": accuracy,
-        "ci95": bootstrap_ci(correct, n_resamples, seed),
+        **(pairwise_outcomes(chosen, rejected) if n else {"accuracy": 0.0, "accuracy_strict": 0.0,
+                                                          "tie_fraction": 0.0}),
+        "ci95": bootstrap_ci(credit, n_resamples, seed),
         "bootstrap": n_resamples,
         "seed": seed,
         "ties": sum(c == r for c, r in zip(chosen, rejected)),
@@ -147,7 +150,9 @@ def format_summary(summary: dict) -> str:
         f"reward model:  {summary['reward_model']}",
         f"pairs:         {summary['n_pairs']} from {summary['pairs_file']} ({summary['n_truncated']} truncated "
         f"to max_seq_len {summary['max_seq_len']})",
-        f"accuracy:      {summary['accuracy']:.4f}  {ci_text}  (ties: {summary['ties']}, counted wrong)",
+        f"accuracy:      {summary['accuracy']:.4f}  {ci_text}  (a tie counts half)",
+        f"ties:          {summary['ties']} ({summary['tie_fraction']:.1%}); strict accuracy (a tie counts wrong) "
+        f"{summary['accuracy_strict']:.4f}",
         f"mean chosen:   {summary['mean_chosen']:+.4f}",
         f"mean rejected: {summary['mean_rejected']:+.4f}",
         f"mean margin:   {summary['mean_margin']:+.4f}",

@@ -20,26 +20,34 @@ def _load(path):
         return json.load(f)
 
 
+def _wall(summary) -> str:
+    seconds = summary.get("wall_seconds")
+    return f", {seconds:.0f} s wall" if seconds is not None else ""
+
+
 def summarize(out_dir: str) -> str:
     lines = []
     s1 = _load(os.path.join(out_dir, "step1", "summary.json"))
     if s1 and s1.get("before"):
         b, a = s1["before"], s1["after"]
-        lines.append(f"step 1 (SFT, {s1['steps']} steps): held-out eval loss {b['eval/loss']:.4f} -> "
+        lines.append(f"step 1 (SFT, {s1['steps']} steps{_wall(s1)}): held-out eval loss {b['eval/loss']:.4f} -> "
                      f"{a['eval/loss']:.4f}, perplexity {b['eval/perplexity']:.2f} -> {a['eval/perplexity']:.2f} "
                      f"on {s1['eval_sequences']} sequences")
     s2 = _load(os.path.join(out_dir, "step2", "summary.json"))
     if s2 and s2.get("after"):
         a = s2["after"]
         before = s2.get("before") or {}
-        lines.append(f"step 2 (reward model, {s2['steps']} steps): pairwise accuracy on {s2['eval_pairs']} pairs it "
-                     f"never trained on {before.get('eval/accuracy', float('nan')):.3f} -> {a['eval/accuracy']:.3f} "
-                     f"(mean chosen {a['eval/chosen_score']:.3f}, rejected {a['eval/rejected_score']:.3f})")
+        ties = f"; ties {before['eval/tie_fraction']:.0%} -> {a['eval/tie_fraction']:.0%}" \
+            if "eval/tie_fraction" in before and "eval/tie_fraction" in a else ""
+        lines.append(f"step 2 (reward model, {s2['steps']} steps{_wall(s2)}): pairwise accuracy on {s2['eval_pairs']} "
+                     f"pairs it never trained on {before.get('eval/accuracy', float('nan')):.3f} -> "
+                     f"{a['eval/accuracy']:.3f} (a tie counts half{ties}; mean chosen {a['eval/chosen_score']:.3f}, "
+                     f"rejected {a['eval/rejected_score']:.3f})")
     s3 = _load(os.path.join(out_dir, "step3", "summary.json"))
     if s3 and s3.get("after"):
         hist = s3.get("history") or []
         if hist:
-            lines.append(f"step 3 ({s3['algo']}, {s3['steps']} steps): training reward "
+            lines.append(f"step 3 ({s3['algo']}, {s3['steps']} steps{_wall(s3)}): training reward "
                          f"{hist[0]['reward/mean']:.3f} (first step) -> {hist[-1]['reward/mean']:.3f} (last step)")
         lines += ["", before_after_table(s3["before"], s3["after"])]
     return "\n".join(lines) if lines else f"no stage summaries under {out_dir}"

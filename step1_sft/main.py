@@ -23,6 +23,7 @@ from utils.engine import build_train_engine  # noqa: E402
 from utils.losses import sft_loss  # noqa: E402
 from utils.models import gathered_state_dict, load_causal_lm, load_tokenizer, save_hf_model  # noqa: E402
 from utils.options import parse_config  # noqa: E402
+from utils.plan import dry_run  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
 
@@ -67,6 +68,8 @@ def dump_weight_hash(engine, rank, path):
 
 def main(argv=None):
     cfg = parse_config(SFTConfig, argv)
+    if cfg.dry_run:  # plan + memory estimate, no training (utils/plan.py)
+        return dry_run(cfg)
     ctx = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
     train_set, eval_set, collate = sft_datasets(cfg, tokenizer, ctx.log)
@@ -98,7 +101,8 @@ def main(argv=None):
         dump_weight_hash(engine, ctx.rank, os.environ["RLHFKIT_DUMP_WEIGHT_HASH"])
     save_hf_model(engine, tokenizer, cfg.output_dir, rank=ctx.rank)
     summary = {"stage": cfg.stage_name, "steps": steps, "before": before, "after": after,
-               "train_sequences": len(train_set), "eval_sequences": len(eval_set)}
+               "train_sequences": len(train_set), "eval_sequences": len(eval_set),
+               "wall_seconds": ctx.log.elapsed()}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before:
         ctx.log.info(f"eval loss {before['eval/loss']:.4f} -> {after['eval/loss']:.4f} "

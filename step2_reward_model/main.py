@@ -4,6 +4,7 @@
     python step2_reward_model/main.py            # offline default
 The score of a sequence is the head's value at its last non-pad token (left or right padding).
 """
+import functools
 import json
 import os
 import sys
@@ -21,9 +22,11 @@ import torch  # noqa: E402
 from step2_reward_model.config import RewardConfig  # noqa: E402
 from utils.data.pipeline import pair_datasets  # noqa: E402
 from utils.engine import build_train_engine  # noqa: E402
-from utils.losses import gather_last, last_token_index, pairwise_accuracy, pairwise_reward_loss  # noqa: E402
+from utils.losses import (gather_last, last_token_index, pairwise_accuracy, pairwise_outcomes,  # noqa: E402
+                          pairwise_reward_loss)
 from utils.models import TokenValues, load_tokenizer, load_value_model, save_hf_model, value_head  # noqa: E402
 from utils.options import ConfigError, parse_config  # noqa: E402
+from utils.plan import dry_run, supervised_plan  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
 
@@ -81,7 +84,8 @@ def pair_scores(engine, batch, chunk=0, score_offset=0):
 def reward_step(engine, batch, center_coef, chunk=0, score_offset=0):
     chosen, rejected = pair_scores(engine, batch, chunk, score_offset)
     loss = pairwise_reward_loss(chosen, rejected, center_coef)
-    return loss, {"train/loss": loss.detach(), "train/accuracy": pairwise_accuracy(chosen, rejected),
+    accuracy = pairwise_accuracy(chosen, rejected) + 0.5 * (chosen == rejected).float().mean()  # a tie counts half
+    return loss, {"train/loss": loss.detach(), "train/accuracy": accuracy,
                   "train/chosen_score": chosen.mean().detach(), "train/rejected_score": rejected.mean().detach()}
 
 
@@ -101,11 +105,13 @@ def eval_pair_scores(engine, dataset, collate, batch_size, device, chunk=0, scor
 
 
 def eval_metrics(triples):
-    """Accuracy (a tie is wrong), mean chosen/rejected score, mean margin and mean pairwise loss."""
+    """Accuracy (a tie counts half; strict: a tie is wrong), tie fraction, mean chosen/rejected score, mean
+    margin and mean pairwise loss."""
     n = max(len(triples), 1)
     c = torch.tensor([t[1] for t in triples], dtype=torch.float64)
     r = torch.tensor([t[2] for t in triples], dtype=torch.float64)
-    return {"eval/accuracy": (c > r).double().sum().item() / n, "eval/chosen_score": c.sum().item() / n,
+    outcomes = pairwise_outcomes(c.tolist(), r.tolist())
+    return {**{f"eval/{k}": v for k, v in outcomes.items()}, "eval/chosen_score": c.sum().item() / n,
             "eval/rejected_score": r.sum().item() / n, "eval/margin": (c - r).sum().item() / n,
             "eval/loss": torch.nn.functional.softplus(r - c).sum().item() / n}
 
@@ -120,6 +126,8 @@ def write_pair_scores(path, triples):
 
 def main(argv=None):
     cfg = parse_config(RewardConfig, argv)
+    if cfg.dry_run:  # plan + memory estimate, no training (utils/plan.py)
+        return dry_run(cfg, functools.partial(supervised_plan, value=True))
     ctx = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg.trust_remote_code)
     if cfg.chat_template == "none":
@@ -170,11 +178,13 @@ def main(argv=None):
         write_pair_scores(cfg.eval_scores_path, eval_clock["scores"])
     save_hf_model(engine, tokenizer, cfg.output_dir, rank=ctx.rank)
     summary = {"stage": cfg.stage_name, "steps": steps, "before": before, "after": after,
-               "train_pairs": len(train_set), "eval_pairs": len(eval_set), "train_seconds": round(train_seconds, 1)}
+               "train_pairs": len(train_set), "eval_pairs": len(eval_set), "train_seconds": round(train_seconds, 1),
+               "wall_seconds": ctx.log.elapsed()}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before:
         ctx.log.info(f"pairwise accuracy on {len(eval_set)} held-out pairs {before['eval/accuracy']:.3f} -> "
-                     f"{after['eval/accuracy']:.3f} (chosen {after['eval/chosen_score']:.3f}, rejected "
+                     f"{after['eval/accuracy']:.3f} (a tie counts half; ties {before['eval/tie_fraction']:.0%} -> "
+                     f"{after['eval/tie_fraction']:.0%}; chosen {after['eval/chosen_score']:.3f}, rejected "
                      f"{after['eval/rejected_score']:.3f})")
     ctx.log.info(f"saved the reward model (AutoModelForSequenceClassification, HF format) to {cfg.output_dir}")
     ctx.log.close()

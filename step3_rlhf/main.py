@@ -23,10 +23,12 @@ from step3_rlhf.evaluate import evaluate_policy  # noqa: E402
 from step3_rlhf.experience_maker import ExperienceMaker  # noqa: E402
 from step3_rlhf.prompt_data import collate_prompts, load_prompts, ptx_batches  # noqa: E402
 from step3_rlhf.loop import fit  # noqa: E402
+from step3_rlhf.plan import rlhf_plan  # noqa: E402
 from step3_rlhf.trainer import RLTrainer  # noqa: E402
 from utils.models import load_tokenizer, save_hf_model, save_hf_state, unwrap  # noqa: E402
 from utils.options import parse_config  # noqa: E402
 from utils.report_tables import before_after_table  # noqa: E402
+from utils.plan import dry_run  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 
 
@@ -45,6 +47,8 @@ def plan_steps(cfg, n_prompts, world_size):
 
 def main(argv=None):
     cfg = parse_config(RLHFConfig, argv)
+    if cfg.dry_run:  # plan + memory estimate, no training (utils/plan.py)
+        return dry_run(cfg, rlhf_plan)
     ctx = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.actor_model_name_or_path, cfg.trust_remote_code)
     train_items, eval_items = load_prompts(cfg, tokenizer, ctx.log)
@@ -80,7 +84,7 @@ def main(argv=None):
         save_hf_state(unwrap(engines.actor), trainer.ema.shadow, tokenizer, os.path.join(cfg.output_dir, "actor_ema"),
                       ctx.rank, dtype=ctx.dtype)
     summary = {"stage": cfg.stage_name, "algo": cfg.algo, "steps": len(history), "history": history,
-               "before": before, "after": after}
+               "before": before, "after": after, "wall_seconds": ctx.log.elapsed()}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before and after and ctx.rank == 0:
         print(before_after_table(before, after), flush=True)

@@ -11,6 +11,7 @@ import math
 import torch
 
 from step3_rlhf.rollout.decode_loop import fast_decode_ok, grouped
+from utils.hf_compat import cache_kwargs
 from utils.models import unwrap
 
 
@@ -43,12 +44,12 @@ def shared_prefix_logits(model, seq, attn, prompt_len, n_response, group):
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=unwrap(model).config)
     head = model(input_ids=seq[::group, :P], attention_mask=attn[::group, :P], position_ids=pos[::group, :P],
-                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits.repeat_interleave(group, 0)
+                 **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits.repeat_interleave(group, 0)
     if R == 1:
         return head
     cache.batch_repeat_interleave(group)
     tail = model(input_ids=seq[:, P:P + R - 1], attention_mask=attn[:, :P + R - 1], position_ids=pos[:, P:P + R - 1],
-                 past_key_values=cache, use_cache=True).logits
+                 **cache_kwargs(model, cache), use_cache=True).logits
     return torch.cat([head, tail], 1)
 
 
@@ -61,8 +62,8 @@ def shared_prefix_response_values(value_model, seq, attn, prompt_len, group):
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=hf.config)
     hf.base_model(input_ids=seq[::group, :P], attention_mask=attn[::group, :P], position_ids=pos[::group, :P],
-                  past_key_values=cache, use_cache=True)
+                  **cache_kwargs(hf.base_model, cache), use_cache=True)
     cache.batch_repeat_interleave(group)
-    hidden = hf.base_model(input_ids=seq[:, P:], attention_mask=attn, position_ids=pos[:, P:], past_key_values=cache,
-                           use_cache=True).last_hidden_state
+    hidden = hf.base_model(input_ids=seq[:, P:], attention_mask=attn, position_ids=pos[:, P:],
+                           **cache_kwargs(hf.base_model, cache), use_cache=True).last_hidden_state
     return value_head(hf)(hidden).squeeze(-1).float()

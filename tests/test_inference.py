@@ -124,9 +124,10 @@ def test_truncation_keeps_prompt_end_then_cuts_response(tiny_tokenizer):
 
 # ------------------------------------------------------------------------------------------ score statistics
 def test_pairwise_summary_by_hand():
-    # pairs: 1>0 right, 2=2 tie (wrong), 3>1 right, 0<1 wrong -> accuracy 2/4
+    # pairs: 1>0 right, 2=2 tie (half), 3>1 right, 0<1 wrong -> accuracy 2.5/4, strict 2/4, ties 1/4
     s = pairwise_summary([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 1.0, 1.0], n_resamples=0)
-    assert s["accuracy"] == 0.5 and s["ties"] == 1 and s["ci95"] is None
+    assert s["accuracy"] == 0.625 and s["accuracy_strict"] == 0.5 and s["ci95"] is None
+    assert s["ties"] == 1 and s["tie_fraction"] == 0.25
     assert s["mean_chosen"] == 1.5        # (1 + 2 + 3 + 0) / 4
     assert s["mean_rejected"] == 1.0      # (0 + 2 + 1 + 1) / 4
     assert s["mean_margin"] == 0.5        # (1 + 0 + 2 - 1) / 4

@@ -195,8 +195,9 @@ def reward_run(tiny_model_dir, pref_data, tmp_path_factory):
 
 def test_reward_model_learns_the_preference(reward_run):
     _, summary, _ = reward_run
-    # head starts at zero: every pair ties, accuracy 0 (a tie counts as wrong) and loss log 2
-    assert summary["before"]["eval/accuracy"] == 0.0
+    # head starts at zero: every pair ties, accuracy 0.5 (a tie counts half), strictly 0, and loss log 2
+    assert summary["before"]["eval/accuracy"] == 0.5 and summary["before"]["eval/accuracy_strict"] == 0.0
+    assert summary["before"]["eval/tie_fraction"] == 1.0 and summary["after"]["eval/tie_fraction"] < 0.1
     assert summary["before"]["eval/loss"] == pytest.approx(0.693147, abs=1e-5)
     assert summary["after"]["eval/accuracy"] > 0.5
     assert summary["after"]["eval/loss"] < 0.69

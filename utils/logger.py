@@ -1,11 +1,66 @@
-"""What a user watches: TensorBoard scalars, a progress bar, and rank-0 console lines."""
+"""What a user watches: TensorBoard scalars, a progress bar, and rank-0 console lines.
+
+A stage's start is a few lines (what runs, where, with what) and then progress bars: `quiet_libraries`
+mutes what the libraries print that nobody acts on - DeepSpeed's memory dumps ("begin bf16_optimizer MA
+... GB", printed by its optimizers unconditionally), transformers' per-load weight progress bars, and its LOAD
+REPORT when the only missing weights are a value head we initialise ourselves (score.* / classifier.*).
+Anything else transformers or DeepSpeed warn about stays visible.
+"""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 from contextlib import contextmanager
+
+_HEAD_PREFIXES = ("score.", "classifier.")
+# DeepSpeed modules that import see_memory_usage by name and call it with force=True
+_DS_MEMORY_DUMPERS = ("deepspeed.runtime.bf16_optimizer", "deepspeed.runtime.zero.stage_1_and_2",
+                      "deepspeed.runtime.zero.stage3", "deepspeed.runtime.engine")
+
+
+def expected_head_report(message: str) -> bool:
+    """True for a transformers LOAD REPORT whose every listed key is a missing value-head weight (what
+    loading a causal-LM checkpoint as a one-label value model always reports)."""
+    if "LOAD REPORT" not in message:
+        return False
+    rows = [line.split("|") for line in message.splitlines() if line.count("|") >= 2]
+    keys = [(r[0].strip(), r[1].strip()) for r in rows if r[0].strip() and r[0].strip() != "Key"]
+    return bool(keys) and all(k.startswith(_HEAD_PREFIXES) and status == "MISSING" for k, status in keys)
+
+
+class _HeadReportFilter(logging.Filter):
+    def filter(self, record):
+        return not expected_head_report(str(record.getMessage()))
+
+
+def _no_memory_dump(message, force=False):
+    """DeepSpeed's see_memory_usage, muted unless RLHFKIT_DS_MEMORY=1 (then DeepSpeed's own)."""
+    if os.environ.get("RLHFKIT_DS_MEMORY") == "1":
+        from deepspeed.runtime.utils import see_memory_usage
+        see_memory_usage(message, force)
+
+
+def quiet_libraries():
+    """Idempotent; called once per stage by RunLogger."""
+    import importlib
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logger = logging.getLogger("transformers.modeling_utils")
+        if not any(isinstance(f, _HeadReportFilter) for f in hf_logger.filters):
+            hf_logger.addFilter(_HeadReportFilter())
+    except ImportError:
+        pass
+    for name in _DS_MEMORY_DUMPERS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "see_memory_usage"):
+            module.see_memory_usage = _no_memory_dump
 
 
 class RunLogger:
@@ -22,6 +77,12 @@ class RunLogger:
             path = cfg.tensorboard_path or os.path.join(cfg.output_dir, "tensorboard")
             self.writer = SummaryWriter(os.path.join(path, stage))
         self.timers = {}
+        self.started = time.perf_counter()
+        quiet_libraries()
+
+    def elapsed(self) -> float:
+        """Wall seconds since the stage started (written into its summary.json as wall_seconds)."""
+        return round(time.perf_counter() - self.started, 1)
 
     def info(self, msg):
         if self.rank == 0:

@@ -144,6 +144,21 @@ def pairwise_accuracy(chosen_scores, rejected_scores):
     return (chosen_scores > rejected_scores).float().mean()
 
 
+def pair_credit(chosen: float, rejected: float) -> float:
+    """One pair's share of the accuracy: 1 when chosen scores higher, 0.5 for a tie, 0 otherwise. A tie is
+    not a wrong answer (a zero-initialised head ties every pair), so it counts half."""
+    return 1.0 if chosen > rejected else (0.5 if chosen == rejected else 0.0)
+
+
+def pairwise_outcomes(chosen, rejected) -> dict:
+    """accuracy (a tie counts half), accuracy_strict (a tie counts wrong: DeepSpeed-Chat's), tie_fraction."""
+    n = max(len(chosen), 1)
+    ties = sum(float(c) == float(r) for c, r in zip(chosen, rejected))
+    return {"accuracy": sum(pair_credit(float(c), float(r)) for c, r in zip(chosen, rejected)) / n,
+            "accuracy_strict": sum(float(c) > float(r) for c, r in zip(chosen, rejected)) / n,
+            "tie_fraction": ties / n}
+
+
 # ----------------------------------------------------------------------------- PPO (step 3)
 def masked_log_ratio(logprobs, other_logprobs, mask=None):
     """logprobs - other_logprobs, 0 where mask == 0: what is exponentiated stays finite at masked positions."""

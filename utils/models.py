@@ -107,14 +107,34 @@ def load_tokenizer(name_or_path: str, trust_remote_code=False):
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return dtype_choice(name)[0]
+
+
+_ANNOUNCED = set()
+
+
+def dtype_choice(name: str, probe=None, cuda=None) -> tuple[torch.dtype, str]:
+    """(dtype, why). `auto`: on a GPU bf16 where supported, else fp16; on CPU bf16 only where a matmul probe
+    (utils/dtype_probe.py, cached per machine) finds it at least as fast as fp32. The choice is printed once
+    per process. `probe` (a function returning {"fp32": GFLOP/s, "bf16": GFLOP/s}) is for tests."""
+    from utils import dtype_probe
+    if name != "auto":
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name], f"--dtype {name}"
+    if torch.cuda.is_available() if cuda is None else cuda:
+        bf16 = torch.cuda.is_bf16_supported()
+        return (torch.bfloat16, "GPU with bf16") if bf16 else (torch.float16, "GPU without bf16")
+    supported = cpu_has_fast_bf16()
+    rates = dtype_probe.cached_rates(os.path.join(cache_root(), "dtype_probe.json"),
+                                     probe or dtype_probe.matmul_rates) if supported else None
+    pick, why = dtype_probe.choose_cpu_dtype(supported, rates)
+    if why not in _ANNOUNCED and os.environ.get("RANK", "0") == "0":
+        _ANNOUNCED.add(why)
+        print(f"[dtype] auto -> {pick}: {why} (override with --dtype bf16|fp32)", file=sys.stderr, flush=True)
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[pick], why
 
 
 def cpu_has_fast_bf16() -> bool:
+    """Whether the CPU reports bf16 support (whether it is fast is the probe's question)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:

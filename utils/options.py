@@ -102,6 +102,8 @@ class RunOptions:
                          "memory held, faster on CPU), system = glibc malloc.", choices=["auto", "system"])
     fused_layers: bool = opt(True, "Llama-style RMSNorm and SwiGLU MLP keep only their inputs for backward "
                              "(utils/fused_layers.py: same forward, about half the activation memory).")
+    dry_run: bool = opt(False, "Check options, data and model configs (config.json, no weights), print the plan "
+                        "and an estimate of peak memory per process, and exit 0 without training.")
 
 
 @dataclass

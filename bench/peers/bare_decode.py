@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from utils.hf_compat import cache_kwargs  # the KV-cache keyword of the installed transformers
+
 
 @torch.no_grad()
 def bare_decode(model, ids, mask, new_tokens):
@@ -20,7 +22,7 @@ def bare_decode(model, ids, mask, new_tokens):
     from transformers import DynamicCache
     cache = DynamicCache()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache), use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     out = []
     for t in range(new_tokens):
@@ -30,7 +32,7 @@ def bare_decode(model, ids, mask, new_tokens):
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         pos = pos[:, -1:] + 1
-        logits = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        logits = model(input_ids=tok, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache),
                        use_cache=True).logits[:, -1]
     return torch.cat(out, 1)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from step3_rlhf.rollout.base import Rollout
+from utils.hf_compat import cache_kwargs
 from utils.models import unwrap
 
 # Decoder-only families whose forward takes (position_ids, cache_position, a Cache, logits_to_keep).
@@ -106,7 +107,7 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_ids, pad_id, m
     next_pos = positions[:, -1:] + 1
     rows = slice(None, None, group_size) if shared else slice(None)
     logits = model(input_ids=prompt_ids[rows], attention_mask=mask[rows, :P], position_ids=positions[rows],
-                   past_key_values=cache, cache_position=torch.arange(P, device=dev), use_cache=True,
+                   **cache_kwargs(model, cache), cache_position=torch.arange(P, device=dev), use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     if shared:  # one prefill per group, then every sample of the group continues from a copy of it
         cache.batch_repeat_interleave(group_size)
@@ -134,7 +135,7 @@ def sample(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_ids, pad_id, m
             break
         mask[:, P + t] = 1
         logits = model(input_ids=tok.unsqueeze(-1), attention_mask=mask[:, :P + t + 1], position_ids=next_pos,
-                       past_key_values=cache, cache_position=torch.tensor([P + t], device=dev), use_cache=True,
+                       **cache_kwargs(model, cache), cache_position=torch.tensor([P + t], device=dev), use_cache=True,
                        ).logits[:, -1]
         next_pos = next_pos + 1
     out = out[:, :n]

@@ -12,4 +12,4 @@ deepspeed --num_gpus 1 "$REPO/step1_sft/main.py" \
   --lr_scheduler_type cosine --num_warmup_steps 0 --seed 1234 \
   --lora_dim 128 --lora_module_name decoder.layers. --only_optimize_lora \
   --zero_stage "$ZERO_STAGE" --dtype auto --enable_tensorboard --save_interval 500 \
-  --output_dir "$OUTPUT" 2>&1 | tee "$OUTPUT/training.log"
+  --output_dir "$OUTPUT" "${@:3}" 2>&1 | tee "$OUTPUT/training.log"

@@ -12,4 +12,4 @@ deepspeed --hostfile="$HOSTFILE" "$REPO/step2_reward_model/main.py" \
   --learning_rate 9.65e-6 --gradient_checkpointing --weight_decay 0.0 --num_train_epochs 1 --disable_dropout --gradient_accumulation_steps 1 \
   --lr_scheduler_type cosine --num_warmup_steps 0 --seed 1234 \
   --zero_stage "$ZERO_STAGE" --dtype auto --enable_tensorboard --save_interval 500 \
-  --output_dir "$OUTPUT" 2>&1 | tee "$OUTPUT/training.log"
+  --output_dir "$OUTPUT" "${@:3}" 2>&1 | tee "$OUTPUT/training.log"

@@ -15,4 +15,4 @@ deepspeed --num_gpus 1 "$REPO/step3_rlhf/main.py" \
   --num_warmup_steps 100 --gradient_accumulation_steps 1 --seed 1234 \
   --actor_lora_dim 128 --actor_lora_module_name layers. --only_optimize_lora --offload --offload_reference_model --offload_reward_model \
   --actor_gradient_checkpointing --actor_dropout 0.0 --enable_hybrid_engine --dtype auto \
-  --enable_tensorboard --save_interval 200 --output_dir "$OUTPUT" 2>&1 | tee "$OUTPUT/training.log"
+  --enable_tensorboard --save_interval 200 --output_dir "$OUTPUT" "${@:6}" 2>&1 | tee "$OUTPUT/training.log"

@@ -15,4 +15,4 @@ deepspeed "$REPO/step3_rlhf/main.py" \
   --num_train_epochs 1 --lr_scheduler_type cosine --num_warmup_steps 100 --gradient_accumulation_steps 1 --seed 1234 \
   --actor_gradient_checkpointing --critic_gradient_checkpointing --offload_reference_model \
   --actor_dropout 0.0 --enable_hybrid_engine --enable_ema --dtype auto \
-  --enable_tensorboard --save_interval 200 --output_dir "$OUTPUT" 2>&1 | tee "$OUTPUT/training.log"
+  --enable_tensorboard --save_interval 200 --output_dir "$OUTPUT" "${@:6}" 2>&1 | tee "$OUTPUT/training.log"
