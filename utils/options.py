@@ -38,6 +38,9 @@ class DataOptions:
     on_bad_rows: str = opt("skip", "A malformed, empty or duplicate data row: skip it and report a count with "
                            "the first message, or stop with its file/row/field.", choices=["skip", "error"])
     max_eval_samples: int = opt(0, "Cap the evaluation set (0 = all).")
+    max_field_chars: int = opt(0, "Cap on the characters of one text field, applied before tokenising (a longer "
+                               "field is cut, or refused with --on_bad_rows error). 0 = 20 x the stage's "
+                               "max_seq_len (step 3: max_prompt_seq_len + max_answer_seq_len).")
 
 
 @dataclass
@@ -190,7 +193,7 @@ def _check_ranges(cfg):
                 "save_interval": 0, "eval_interval": 0, "num_warmup_steps": 0, "lora_dim": 0, "actor_lora_dim": 0,
                 "critic_lora_dim": 0, "max_eval_samples": 0, "threads": 0, "per_device_generation_batch_size": 1,
                 "per_device_training_batch_size": 1, "generation_batches": 1, "num_generations": 1, "ppo_epochs": 1,
-                "max_prompt_seq_len": 1, "max_answer_seq_len": 1, "inference_tp_size": 1}
+                "max_prompt_seq_len": 1, "max_answer_seq_len": 1, "inference_tp_size": 1, "max_field_chars": 0}
     for name, low in at_least.items():
         if getattr(cfg, name, low) < low:
             raise ConfigError(f"--{name} must be >= {low}, got {getattr(cfg, name)}")

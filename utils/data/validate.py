@@ -1,10 +1,14 @@
 """Check data files before training: every problem, one line each, then a summary.
 
-    python -m utils.data.validate FILE [FILE...] [--max_chars N] [--tokenizer DIR --max_seq_len N]
+    python -m utils.data.validate FILE [FILE...] [--stage 1|2|3] [--max_seq_len N] [--max_chars N]
+                                  [--tokenizer DIR]
 
 Reads each source with the training readers in skip mode (so the rules are exactly the ones training
-applies), then adds checks that need the whole set: prompt length (characters of the rendered
-prompt, or tokens with --tokenizer) and exact duplicates across all the files given.
+applies), then adds checks that need the whole set: what `--stage` needs of each row (step 1 a reply,
+step 2 chosen and rejected, step 3 a prompt), the per-field character cap training applies before
+tokenising (--max_field_chars, default 20 x --max_seq_len; flagged here, cut or refused in training
+per --on_bad_rows), prompt length (characters of the rendered prompt with --max_chars, or tokens with
+--tokenizer) and exact duplicates across all the files given. An empty source is a problem.
 Prints "FILE:LINE: field 'F': problem" per problem and "N rows, K problems (kind: count, ...)".
 Exit status: 0 clean, 1 problems found, 2 a file is missing/unreadable (or the arguments are wrong).
 """
@@ -15,10 +19,12 @@ import sys
 from collections import Counter
 
 from utils.data.readers import read_source
-from utils.data.rows import DataError, PreferenceRow
+from utils.data.rows import DataError, PreferenceRow, long_fields, stage_problem
 from utils.data.templates import format_prompt
 
 SOURCE_FATAL = ("unreadable", "unknown_source")
+DEFAULT_MAX_SEQ_LEN = 512  # the stages' default --max_seq_len
+CHARS_PER_TOKEN = 20       # as utils.data.pipeline.CHARS_PER_TOKEN (not imported: that module needs torch)
 
 
 def prompt_length_problems(rows: list[PreferenceRow], max_chars: int | None, tokenizer,
@@ -38,8 +44,22 @@ def prompt_length_problems(rows: list[PreferenceRow], max_chars: int | None, tok
     return problems
 
 
+def row_problems(rows: list[PreferenceRow], stage: int | None, field_cap: int | None) -> list[DataError]:
+    """What `stage` (1, 2, 3) needs of each row, and fields over the character cap."""
+    problems = []
+    for row in rows:
+        problem = stage_problem(row, stage - 1) if stage else None
+        if problem is not None:
+            problems.append(problem)
+        for name, n in long_fields(row, field_cap) if field_cap else []:
+            problems.append(DataError.at(row.origin, name, f"too long: {n} characters, over the cap of {field_cap} "
+                                         "(20 x max_seq_len); training cuts it (--on_bad_rows skip) or stops "
+                                         "(error)", "too_long"))
+    return problems
+
+
 def validate(paths: list[str], max_chars: int | None = None, tokenizer=None, max_seq_len: int | None = None,
-             out=None) -> int:
+             out=None, stage: int | None = None, field_cap: int | None = None) -> int:
     """Print every problem and the summary (to `out`, default stdout); return the exit status."""
     out = out or sys.stdout
     seen: dict = {}  # shared, so duplicates are found across files too
@@ -58,7 +78,9 @@ def validate(paths: list[str], max_chars: int | None = None, tokenizer=None, max
                 print(message, file=out)
             kinds.update(part.kinds)
             n_rows += len(part.rows) + len(part.skipped)
-            for problem in prompt_length_problems(part.rows, max_chars, tokenizer, max_seq_len):
+            problems = row_problems(part.rows, stage, field_cap) + \
+                prompt_length_problems(part.rows, max_chars, tokenizer, max_seq_len)
+            for problem in problems:
                 print(str(problem), file=out)
                 kinds[problem.kind] += 1
     total = sum(kinds.values())
@@ -67,15 +89,25 @@ def validate(paths: list[str], max_chars: int | None = None, tokenizer=None, max
     return 2 if fatal else (1 if total else 0)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Validate preference/SFT data files.")
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Validate preference/SFT/prompt data files.")
     parser.add_argument("files", nargs="+", help="files, directories or dataset names (as --data_path)")
+    parser.add_argument("--stage", type=int, choices=[1, 2, 3], default=None,
+                        help="also check what this stage needs: 1 a reply, 2 chosen and rejected, 3 a prompt")
     parser.add_argument("--max_chars", type=int, default=None, help="flag prompts longer than this")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory for the token-length check")
-    parser.add_argument("--max_seq_len", type=int, default=None)
-    args = parser.parse_args(argv)
-    if (args.tokenizer is None) != (args.max_seq_len is None):
-        print("--tokenizer and --max_seq_len go together", file=sys.stderr)
+    parser.add_argument("--max_seq_len", type=int, default=None,
+                        help=f"the training --max_seq_len: the token-length check (with --tokenizer) and the "
+                             f"per-field character cap, {CHARS_PER_TOKEN} x it (default {DEFAULT_MAX_SEQ_LEN})")
+    parser.add_argument("--max_field_chars", type=int, default=0,
+                        help="the training --max_field_chars (0 = 20 x --max_seq_len)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.tokenizer is not None and args.max_seq_len is None:
+        print("--tokenizer needs --max_seq_len (the token-length check)", file=sys.stderr)
         return 2
     tokenizer = None
     if args.tokenizer:
@@ -85,7 +117,9 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as err:
             print(f"{args.tokenizer}: cannot load tokenizer: {str(err).splitlines()[0]}", file=sys.stderr)
             return 2
-    return validate(args.files, args.max_chars, tokenizer, args.max_seq_len)
+    field_cap = args.max_field_chars or CHARS_PER_TOKEN * (args.max_seq_len or DEFAULT_MAX_SEQ_LEN)
+    return validate(args.files, args.max_chars, tokenizer, args.max_seq_len if tokenizer else None,
+                    stage=args.stage, field_cap=field_cap)
 
 
 if __name__ == "__main__":
