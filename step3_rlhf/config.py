@@ -17,6 +17,9 @@ class RLHFConfig(DataOptions, RunOptions, LoggingOptions):
                                              "ppo and rule rewards only, it defaults to the actor (TinyZero/veRL: "
                                              "the critic starts from the policy with a fresh value head).")
     tokenizer_name_or_path: str = opt("", "Tokenizer, if not the actor's.")
+    reward_tokenizer: str = opt("", "The reward model's tokenizer (default: the reward checkpoint's own). When it "
+                                    "differs from the actor's, the actor's samples are decoded and re-tokenised "
+                                    "with it (and its chat template) for scoring.")
     trust_remote_code: bool = opt(False, "Allow a Hub model's own Python code to run.")
     algo: str = opt("ppo", "RL algorithm: ppo (critic + GAE), grpo, rloo, reinforce (critic-free).", choices=ALGOS)
     reward: list = opt([], "Reward sources: model:PATH (a step-2 model) and/or rules countdown, gsm8k, format, "

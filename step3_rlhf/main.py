@@ -26,6 +26,7 @@ from step3_rlhf.trainer import RLTrainer  # noqa: E402
 from utils.models import load_tokenizer, save_hf_model, save_hf_state, unwrap  # noqa: E402
 from utils.options import parse_config  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
+from utils.tokenizer_bridge import check_step3_tokenizers  # noqa: E402
 
 
 def plan_steps(cfg, n_prompts, world_size):
@@ -43,10 +44,12 @@ def main(argv=None):
     cfg = parse_config(RLHFConfig, argv)
     ctx = start_stage(cfg, "step3_rlhf")
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.actor_model_name_or_path, cfg.trust_remote_code)
+    bridge = check_step3_tokenizers(cfg, tokenizer, ctx.log)  # before any model loads: refuse a critic of another family
     train_items, eval_items = load_prompts(cfg, tokenizer, ctx.log)
     eval_items = eval_items[: cfg.eval_prompts]
     steps, actor_updates, critic_updates = plan_steps(cfg, len(train_items), ctx.world_size)
     engines = build_engines(cfg, ctx, actor_updates, ctx.log, critic_updates)
+    engines.reward_fn.bridge = bridge
     ptx = ptx_batches(cfg, tokenizer, cfg.per_device_training_batch_size,
                       cfg.max_prompt_seq_len + cfg.max_answer_seq_len) if cfg.unsupervised_dataset_name else None
     trainer = RLTrainer(cfg, engines, tokenizer, ctx, functools.partial(collate_prompts, pad_id=tokenizer.pad_token_id),
