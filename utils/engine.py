@@ -198,7 +198,18 @@ class Checkpointer:
     # -------------------------------------------------------------- save
 
     def save(self, engines: dict, step: int, state: dict, tensors: dict | None = None):
-        """`tensors`: extra named tensor dicts (e.g. an EMA copy), written as safetensors by rank 0."""
+        """`tensors`: extra named tensor dicts (e.g. an EMA copy), written as safetensors by rank 0. A write
+        that fails (a full disk) leaves the earlier checkpoints as they were and says so in one line."""
+        try:
+            self._save(engines, step, state, tensors)
+        except OSError as e:
+            shutil.rmtree(os.path.join(self.root, f".tmp-step{step}"), ignore_errors=True)  # free what it took
+            kept = next((t for t in self.tags() if self.verify(t) is None), None)
+            raise CheckpointError(f"cannot save checkpoint step{step} in {self.root}: {e.strerror or e}; "
+                                  + (f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint")
+                                  + " (free space, then run the same command again to resume)") from None
+
+    def _save(self, engines: dict, step: int, state: dict, tensors: dict | None = None):
         import torch.distributed as dist
         from safetensors.torch import save_file
         tag = f"step{step}"

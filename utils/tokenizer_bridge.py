@@ -146,6 +146,9 @@ def check_step3_tokenizers(cfg, actor_tokenizer, log) -> RewardBridge | None:
     paths = reward_model_paths(cfg)
     if not paths:
         return None
+    problem = reward_checkpoint_problem(paths[0])
+    if problem:
+        log.info(f"warning: {problem}")
     reward_tok = load_tokenizer(getattr(cfg, "reward_tokenizer", "") or paths[0], trust)
     why = compare(actor_tokenizer, reward_tok)
     if why is None:
@@ -153,6 +156,21 @@ def check_step3_tokenizers(cfg, actor_tokenizer, log) -> RewardBridge | None:
     log.info(f"the reward model {paths[0]} uses another tokenizer than the actor ({why}): its scores come from "
              f"the actor's samples decoded and re-tokenised with {describe(reward_tok)}")
     return RewardBridge(actor_tokenizer, reward_tok, _max_positions(paths[0]))
+
+
+def reward_checkpoint_problem(path: str) -> str | None:
+    """A causal LM given as the reward model loads with a new, random score head: its scores mean nothing."""
+    import json
+    import os
+    try:
+        with open(os.path.join(path, "config.json")) as fh:
+            arch = json.load(fh).get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    if arch and all(a.endswith("ForCausalLM") for a in arch):
+        return (f"the reward model {path} is a causal LM ({', '.join(arch)}), not a step-2 reward model: its score "
+                "head starts random, so its scores mean nothing; pass a step-2 output directory")
+    return None
 
 
 def _max_positions(path: str) -> int | None:

@@ -63,11 +63,24 @@ def _read_bytes(path: str) -> bytes:
         raise DataError(f"{path}: cannot read: {err.strerror or err}", "unreadable") from err
 
 
+class _Record(dict):
+    """A JSON object that remembers a key it was given twice (json keeps only the last value, silently)."""
+    duplicate_key: str | None = None
+
+
+def _record(pairs: list) -> _Record:
+    record = _Record(pairs)
+    if len(record) < len(pairs):
+        seen: set = set()
+        record.duplicate_key = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return record
+
+
 def _parse_json_line(raw: bytes, origin: str) -> object:
     # surrogateescape keeps undecodable bytes as lone surrogates, so check_text can name their field
     text = raw.decode("utf-8", "surrogateescape").lstrip("\ufeff")
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_record)
     except json.JSONDecodeError as err:
         raise DataError.at(origin, "(row)", f"invalid JSON: {err.msg} (column {err.colno})", "bad_json") from None
 
@@ -79,7 +92,7 @@ def json_records(path: str) -> Iterator[Record]:
     if data.lstrip().lstrip(b"\xef\xbb\xbf").startswith(b"["):
         text = data.decode("utf-8", "surrogateescape").lstrip("\ufeff")
         try:
-            items = json.loads(text)
+            items = json.loads(text, object_pairs_hook=_record)
         except json.JSONDecodeError as err:
             if not _first_line_parses(lines):  # else: JSON Lines whose first row happens to be a list
                 raise DataError(f"{path}:{err.lineno}: field '(file)': invalid JSON list: {err.msg} "
@@ -162,6 +175,9 @@ def _collect(records: Iterable[Record], mapper: Mapper, on_bad_rows: str, seen: 
             if not isinstance(record, dict):
                 raise DataError.at(origin, "(row)", f"expected a JSON object, got {type(record).__name__}",
                                    "not_object")
+            if getattr(record, "duplicate_key", None) is not None:
+                raise DataError.at(origin, record.duplicate_key, "given twice in one row object (JSON would keep "
+                                   "only the last value)", "duplicate_key")
             row = mapper(record, origin)
             if row is None:  # not a preference by construction (webgpt tie)
                 continue
