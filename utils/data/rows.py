@@ -68,8 +68,8 @@ def check_text(value, field_name: str, origin: str) -> str:
     if value is None:
         raise DataError.at(origin, field_name, "null (expected a string)", "null_field")
     if not isinstance(value, str):
-        raise DataError.at(origin, field_name, f"expected a string, got {type(value).__name__}",
-                           "not_string")
+        got = "dict" if isinstance(value, dict) else type(value).__name__  # readers give dict subclasses
+        raise DataError.at(origin, field_name, f"expected a string, got {got}", "not_string")
     if _SURROGATE.search(value):
         raise DataError.at(origin, field_name,
                            "not valid UTF-8 text (undecodable bytes or lone surrogates)", "not_utf8")
