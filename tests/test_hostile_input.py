@@ -270,33 +270,31 @@ def hostile(files, tmp_path_factory):
 S1 = ["--model_name_or_path", "{model}", "--output_dir", "{prev}", "--data_split", "1,1,1"]
 S2 = S1[:-1] + ["0,1,0"]
 S3 = ["--actor_model_name_or_path", "{model}", "--critic_model_name_or_path", "{model}", "--output_dir", "{prev}"]
+
+
+def bad_row(cid, stage, name, problem):
+    """A file whose line 4 is bad, read with --on_bad_rows error: exit 2, "error: FILE:4: field ...: problem"."""
+    return (cid, stage, (S1 if stage == 1 else S2) + ["--data_path", "{%s}" % name, "--on_bad_rows", "error"], 2,
+            "error: {%s}:4: %s" % (name, problem))
+
+
 STAGE_CASES = [  # (id, stage, argv, exit code, the one line)
     ("empty-file", 1, S1 + ["--data_path", "{empty}"], 2, "error: {empty}: empty: no rows"),
     ("blank-lines-only", 1, S1 + ["--data_path", "{blank}"], 2, "error: {blank}: empty: no rows"),
     ("empty-json-list", 1, S1 + ["--data_path", "{empty_list}"], 2, "error: {empty_list}: empty: no rows"),
     ("bom", 1, S1[:-1] + ["1,0,0", "--data_path", "{bom}"], 0, ""),
     ("crlf", 1, S1[:-1] + ["1,0,0", "--data_path", "{crlf}"], 0, ""),
-    ("nul-byte", 1, S1 + ["--data_path", "{nul_byte}", "--on_bad_rows", "error"], 2,
-     "error: {nul_byte}:4: field '(row)': invalid JSON: Invalid control character"),
-    ("invalid-utf8", 1, S1 + ["--data_path", "{not_utf8}", "--on_bad_rows", "error"], 2,
-     "error: {not_utf8}:4: field 'prompt': not valid UTF-8 text"),
-    ("truncated-last-line", 1, S1 + ["--data_path", "{truncated}", "--on_bad_rows", "error"], 2,
-     "error: {truncated}:4: field '(row)': invalid JSON: Unterminated string"),
-    ("duplicate-keys", 1, S1 + ["--data_path", "{dup_keys}", "--on_bad_rows", "error"], 2,
-     "error: {dup_keys}:4: field 'prompt': given twice in one row object"),
-    ("number-as-prompt", 1, S1 + ["--data_path", "{number_prompt}", "--on_bad_rows", "error"], 2,
-     "error: {number_prompt}:4: field 'prompt': expected a string, got int"),
-    ("object-as-prompt", 1, S1 + ["--data_path", "{nested_prompt}", "--on_bad_rows", "error"], 2,
-     "error: {nested_prompt}:4: field 'prompt': expected a string, got dict"),
-    ("object-as-reply", 2, S2 + ["--data_path", "{nested_reply}", "--on_bad_rows", "error"], 2,
-     "error: {nested_reply}:4: field 'chosen': expected a string, got dict"),
-    ("list-as-reply", 2, S2 + ["--data_path", "{list_reply}", "--on_bad_rows", "error"], 2,
-     "error: {list_reply}:4: field 'chosen': expected a string, got list"),
-    ("null-reply", 2, S2 + ["--data_path", "{null_reply}", "--on_bad_rows", "error"], 2,
-     "error: {null_reply}:4: field 'chosen': null (expected a string)"),
+    bad_row("nul-byte", 1, "nul_byte", "field '(row)': invalid JSON: Invalid control character"),
+    bad_row("invalid-utf8", 1, "not_utf8", "field 'prompt': not valid UTF-8 text"),
+    bad_row("truncated-last-line", 1, "truncated", "field '(row)': invalid JSON: Unterminated string"),
+    bad_row("duplicate-keys", 1, "dup_keys", "field 'prompt': given twice in one row object"),
+    bad_row("number-as-prompt", 1, "number_prompt", "field 'prompt': expected a string, got int"),
+    bad_row("object-as-prompt", 1, "nested_prompt", "field 'prompt': expected a string, got dict"),
+    bad_row("object-as-reply", 2, "nested_reply", "field 'chosen': expected a string, got dict"),
+    bad_row("list-as-reply", 2, "list_reply", "field 'chosen': expected a string, got list"),
+    bad_row("null-reply", 2, "null_reply", "field 'chosen': null (expected a string)"),
     ("binary-file", 1, S1 + ["--data_path", "{binary}"], 2, "error: {binary}: all 3 rows are bad"),
-    ("5mb-row-error-mode", 2, S2 + ["--data_path", "{big_row}", "--on_bad_rows", "error"], 2,
-     "error: {big_row}:4: field 'chosen': too long: 5000000 characters, over the cap of 10240"),
+    bad_row("5mb-row-error-mode", 2, "big_row", "field 'chosen': too long: 5000000 characters, over the cap of 10240"),
     ("every-row-bad", 1, S1 + ["--data_path", "{all_bad}"], 2,
      "error: {all_bad}: all 3 rows are bad (--on_bad_rows skip dropped them); first: {all_bad}:1: field 'prompt'"),
     ("blend-sft-file-for-step2", 2, S2 + ["--data_path", "{good}", "{sft_only}"], 2,
