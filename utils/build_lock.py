@@ -18,7 +18,8 @@ import os
 import time
 
 # a build dir untouched this long with its lock held by no process is a dead build: ninja rewrites its
-# .ninja_log/.o files as it goes, and the slowest op DeepSpeed builds on CPU takes about a minute
+# .ninja_log/.o files as it goes, and the slowest op DeepSpeed builds on CPU takes about a minute.
+# RLHFKIT_STALE_LOCK_S overrides it (an environment variable: the check runs before the stage's flags matter)
 STALE_AFTER_S = float(os.environ.get("RLHFKIT_STALE_LOCK_S", "120"))
 
 
@@ -124,9 +125,11 @@ def clear_stale_locks(log=print, roots: list[str] | None = None, stale_after: fl
 
 
 def check_build_locks() -> None:
-    """The start_stage hook: never raises (a check that cannot run must not stop the run)."""
+    """The start_stage hook: never raises (a check that cannot run must not stop the run). Every rank checks
+    (removal is idempotent); only the first rank of each machine prints."""
     import sys
+    quiet = os.environ.get("LOCAL_RANK", "0") != "0"
     try:
-        clear_stale_locks(lambda line: print(line, file=sys.stderr, flush=True))
+        clear_stale_locks(lambda line: None if quiet else print(line, file=sys.stderr, flush=True))
     except Exception as err:  # noqa: BLE001
         print(f"(build-lock check skipped: {type(err).__name__}: {err})", file=sys.stderr, flush=True)
