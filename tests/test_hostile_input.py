@@ -489,3 +489,45 @@ def test_checkpoint_of_another_model_is_refused_not_deleted(tmp_path):
     msg = _one_line_user_error(lambda: ckpt.restore({"model": _FakeEngine()}))
     assert msg == f"no usable checkpoint in {ckpt.root} (broken: step1); pass --no_resume to start over"
     assert _snapshot(ckpt.root) == before
+
+
+class _SizedEngine(_FakeEngine):
+    def __init__(self, micro):
+        self.micro = micro
+
+    def train_micro_batch_size_per_gpu(self):
+        return self.micro
+
+
+def test_resume_with_a_changed_batch_size_is_refused(tmp_path):
+    from utils.engine import Checkpointer
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save({"model": _SizedEngine(8)}, 1, {"epoch": 0})
+    before = _snapshot(ckpt.root)
+    msg = _one_line_user_error(lambda: ckpt.restore({"model": _SizedEngine(4)}))
+    assert msg == (f"{ckpt.root}/step1 was saved with a micro-batch of 8 per process ('model'), this run has 4: resume "
+                   "with the same batch size flags, or pass --no_resume")
+    assert _snapshot(ckpt.root) == before
+
+
+def test_resume_with_a_changed_world_size_warns_in_one_line(tmp_path):
+    import torch
+    from utils.engine import Checkpointer
+
+    class Loads(_SizedEngine):
+        def save_checkpoint(self, folder, tag, save_latest):
+            os.makedirs(os.path.join(folder, tag), exist_ok=True)
+            torch.save({"w": torch.zeros(2)}, os.path.join(folder, tag, "mp_rank_00_model_states.pt"))
+
+        def load_checkpoint(self, folder, **kw):
+            return folder, {}
+    lines = []
+    log = type("Log", (), {"info": staticmethod(lines.append)})
+    ckpt = Checkpointer(str(tmp_path), rank=1, log=log)  # this run's rank 1; the checkpoint was written by one process
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    Checkpointer(str(tmp_path)).save({"model": Loads(8)}, 1, {"epoch": 0})
+    state = torch.get_rng_state()
+    assert ckpt.restore({"model": Loads(8)})[0] == "step1"
+    torch.set_rng_state(state)
+    assert lines == [f"warning: {ckpt.root}/step1 was saved with 1 process(es); rank 1 takes rank 0's random state, so "
+                   "sampling will not repeat the interrupted run exactly"]
