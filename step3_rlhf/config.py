@@ -59,6 +59,9 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
                                              "ppo and rule rewards only, it defaults to the actor (TinyZero/veRL: "
                                              "the critic starts from the policy with a fresh value head).")
     tokenizer_name_or_path: str = opt("", "Tokenizer, if not the actor's.")
+    reward_tokenizer: str = opt("", "The reward model's tokenizer (default: the reward checkpoint's own). When it "
+                                    "differs from the actor's, the actor's samples are decoded and re-tokenised "
+                                    "with it (and its chat template) for scoring.")
     trust_remote_code: bool = opt(False, "Allow a Hub model's own Python code to run.")
     algo: str = opt("ppo", "RL algorithm: " + ", ".join(f"{a.name} ({a.summary})" for a in ALGORITHMS.values())
                     + ".", choices=ALGOS)

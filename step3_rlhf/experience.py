@@ -88,6 +88,7 @@ def response_values(critic, sequences, attention_mask, n_response, row_chunk=Non
 
 class RewardFunction:
     """Sum of a reward model's score (at the last real token) and weighted rule rewards."""
+    bridge = None  # a utils.tokenizer_bridge.RewardBridge when the reward model has another tokenizer than the actor
 
     def __init__(self, reward_engine=None, model_weight=1.0, rules=None):
         self.reward_engine, self.model_weight, self.rules = reward_engine, model_weight, rules
@@ -109,8 +110,10 @@ class RewardFunction:
                     values = shared_prefix_response_values(self.reward_engine, seq, mask, P, g)
                     return gather_last(values, mask[:, P:])
                 return gather_last(self.reward_engine(seq, mask), mask)
-            score = run_row_groups(one, attention_mask, sequences, align=group_size, max_groups=length_groups,
-                                   row_chunk=row_chunk).float()
+            score = self.bridge.score(self.reward_engine, prompts, responses, sequences.device, row_chunk) \
+                if self.bridge is not None else \
+                run_row_groups(one, attention_mask, sequences, align=group_size, max_groups=length_groups,
+                               row_chunk=row_chunk).float()
             components["reward/model"] = score
             total += self.model_weight * score
         if self.rules is not None:

@@ -24,6 +24,7 @@ from step3_rlhf.experience_maker import ExperienceMaker  # noqa: E402
 from step3_rlhf.prompt_data import collate_prompts, load_prompts, ptx_batches  # noqa: E402
 from step3_rlhf.loop import fit  # noqa: E402
 from step3_rlhf.plan import rlhf_plan  # noqa: E402
+from step3_rlhf.tokenizer_check import check_step3_tokenizers  # noqa: E402
 from step3_rlhf.trainer import RLTrainer  # noqa: E402
 from utils.models import load_tokenizer, save_hf_model, save_hf_state, unwrap  # noqa: E402
 from utils.options import parse_config  # noqa: E402
@@ -51,10 +52,12 @@ def main(argv=None):
         return dry_run(cfg, rlhf_plan)
     ctx = start_stage(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.actor_model_name_or_path, cfg.trust_remote_code)
+    bridge = check_step3_tokenizers(cfg, tokenizer, ctx.log)  # before any model loads: a critic of another family
     train_items, eval_items = load_prompts(cfg, tokenizer, ctx.log)
     eval_items = eval_items[: cfg.eval_prompts]
     steps, actor_updates, critic_updates = plan_steps(cfg, len(train_items), ctx.world_size)
     engines = build_engines(cfg, ctx, actor_updates, ctx.log, critic_updates)
+    engines.reward_fn.bridge = bridge
     ptx = ptx_batches(cfg, tokenizer, cfg.per_device_training_batch_size, cfg.max_prompt_seq_len
                       + cfg.max_answer_seq_len, ctx.rank, ctx.world_size) if cfg.unsupervised_dataset_name else None
     maker = ExperienceMaker(cfg, engines, tokenizer, ctx,

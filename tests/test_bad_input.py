@@ -18,6 +18,7 @@ from step1_sft.config import SFTConfig
 from step2_reward_model.config import RewardConfig
 from step3_rlhf.config import RLHFConfig
 from utils.data import validate as validate_cli
+from utils.data.pipeline import field_char_cap
 from utils.data.splits import load_stage_rows
 from utils.models import load_tokenizer
 from utils.options import parse_config
@@ -104,7 +105,8 @@ def startup(stage, argv, capsys):
         preflight(cfg)
         if cfg.uses_data_split():
             load_stage_rows(cfg.data_path, cfg.data_split, cfg.data_split_index, cfg.seed, cfg.eval_fraction,
-                            cfg.on_bad_rows)
+                            cfg.on_bad_rows,
+                            field_char_cap(cfg))
     except SystemExit as e:
         return e.code, capsys.readouterr().err.strip()
     except user_errors() as e:

@@ -207,7 +207,8 @@ def test_unknown_name_lists_supported():
 GOOD = b'{"prompt": "q", "chosen": "yes", "rejected": "no"}'
 BAD_ROWS = [  # (second line of the file, field named, words in the problem, kind)
     (b'{"prompt": "q", "chosen": ', "(row)", "invalid JSON", "bad_json"),
-    (b'{"prompt": "q2", "chosen": "a"}', "rejected", "missing", "missing_field"),
+    (b'{"prompt": "q2", "rejected": "a"}', "chosen", "missing", "missing_field"),
+    (b'{"prompt": "q2", "chosen": "a", "rejected": null}', "rejected", "null (expected a string)", "null_field"),
     (b'{"prompt": "q2", "chosen": 5, "rejected": "b"}', "chosen", "expected a string, got int", "not_string"),
     (b'{"prompt": "q2", "chosen": "   ", "rejected": "b"}', "chosen", "empty reply", "empty"),
     (b'{"prompt": "q2", "chosen": "same", "rejected": " same "}', "rejected", "identical to chosen", "same_reply"),
@@ -488,3 +489,93 @@ def test_synthetic_deterministic_unique_and_correct(tmp_path):
 def test_last_user_message_shows_the_question_not_the_system_prompt(text, expected):
     from utils.data.templates import last_user_message
     assert last_user_message(text) == expected
+
+
+# ----------------------------------------------------------------------------- issue 19: formats, stages, caps
+SFT_LAYOUTS = [  # (record, expected prompt text, expected reply)
+    ({"prompt": "q", "chosen": "a"}, "q", "a"),
+    ({"prompt": "q", "response": "a"}, "q", "a"),
+    ({"prompt": "q", "completion": "a"}, "q", "a"),
+    ({"prompt": "q", "output": "a"}, "q", "a"),
+    ({"instruction": "Add.", "input": "2 and 3", "output": "5"}, "Add.\n\n2 and 3", "5"),
+    ({"instruction": "Say hi.", "input": "", "output": "hi"}, "Say hi.", "hi"),
+]
+
+
+@pytest.mark.parametrize("record,prompt,reply", SFT_LAYOUTS, ids=[",".join(r[0]) for r in SFT_LAYOUTS])
+def test_sft_layouts_load_for_step1_without_rejected(tmp_path, record, prompt, reply):
+    path = write_jsonl(tmp_path / "sft.jsonl", [record] * 1)
+    train, _, skipped = load_stage_rows([path], "1,0,0", 0, 1234, 0.0, "error")
+    assert [(r.prompt, r.chosen, r.rejected) for r in train] == [((U(prompt),), reply, None)] and skipped == []
+
+
+def test_stage_needs_are_checked_after_the_split(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}"} for i in range(3)])
+    train, _, _ = load_stage_rows([path], "0,0,1", 2, 1234, 0.0, "error")  # prompts only: fine for step 3
+    assert [r.prompt[0]["content"] for r in train] == ["q0", "q1", "q2"] and train[0].chosen is None
+    with pytest.raises(DataError, match=re.escape(f"{path}:") + r"\d: field 'chosen': missing: step 1 \(SFT\)"):
+        load_stage_rows([path], "1,0,0", 0, 1234, 0.0, "error")
+    sft = write_jsonl(tmp_path / "s.jsonl", [{"prompt": f"q{i}", "response": "a"} for i in range(3)])
+    with pytest.raises(DataError, match=r"all 3 rows are unusable for stage 2 \(reward\).*field 'rejected': "
+                                        r"missing: step 2 \(reward model\) compares two replies"):
+        load_stage_rows([sft], "0,1,0", 1, 1234, 0.0, "skip")
+
+
+def test_every_row_bad_names_file_count_and_first_reason_not_data_split(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "q", "chosen": 1, "rejected": "b"}\n{"prompt": ""}\n')
+    with pytest.raises(DataError) as err:
+        load_stage_rows([str(path)], "1,1,1", 0, 1234, 0.0, "skip")
+    assert str(err.value) == (f"{path}: all 2 rows are bad (--on_bad_rows skip dropped them); first: {path}:1: "
+                              "field 'chosen': expected a string, got int")
+    assert "data_split" not in str(err.value)
+
+
+def test_empty_source_is_an_error(tmp_path):
+    for name, body in (("empty.jsonl", b""), ("blank.jsonl", b"\n \n"), ("list.json", b"[]")):
+        (tmp_path / name).write_bytes(body)
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / name}: empty: no rows")):
+            read_source(str(tmp_path / name), on_bad_rows="skip")
+    code, lines = run_validate(str(tmp_path / "empty.jsonl"))
+    assert code == 1 and lines == [f"{tmp_path / 'empty.jsonl'}: empty: no rows (a data source needs at least one "
+                                   "row object)", "0 rows, 1 problems (empty_source: 1)"]
+
+
+def test_null_field_says_null(tmp_path):
+    path = write_jsonl(tmp_path / "n.jsonl", [{"prompt": None, "chosen": "a"}])
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: field 'prompt': null (expected a string)")):
+        read_rows(path)
+
+
+def test_long_field_cut_in_skip_mode_refused_in_error_mode(tmp_path):
+    path = write_jsonl(tmp_path / "big.jsonl", [{"prompt": "p" * 90 + "END", "chosen": "START" + "c" * 200,
+                                                 "rejected": "short"}])
+    report = read_source(path, "skip", max_field_chars=50).train
+    row = report.rows[0]
+    assert row.prompt[0]["content"] == "p" * 47 + "END" and row.chosen == "START" + "c" * 45
+    assert row.rejected == "short"
+    assert report.cut == [f"{path}:1: field 'prompt[0].content': 93 characters cut to 50"]
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: field 'prompt[0].content': too long: 93 characters, "
+                                                  "over the cap of 50")):
+        read_source(path, "error", max_field_chars=50)
+
+
+def test_field_char_cap_from_max_seq_len():
+    from types import SimpleNamespace
+    from utils.data.pipeline import field_char_cap
+    assert field_char_cap(SimpleNamespace(max_field_chars=0, max_seq_len=512)) == 10240
+    assert field_char_cap(SimpleNamespace(max_field_chars=7, max_seq_len=512)) == 7
+    assert field_char_cap(SimpleNamespace(max_field_chars=0, max_prompt_seq_len=256, max_answer_seq_len=256)) == 10240
+
+
+def test_validate_stage_and_char_cap(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "v.jsonl", [{"prompt": "q1", "response": "a"}, {"prompt": "q2", "chosen": "x" * 30,
+                                                                                   "rejected": "y"}])
+    assert validate([path], stage=1) == 0 and validate([path], stage=3) == 0
+    capsys.readouterr()
+    assert validate([path], stage=2) == 1
+    assert f"{path}:1: field 'rejected': missing: step 2 (reward model)" in capsys.readouterr().out
+    assert validate([path], field_cap=20) == 1
+    assert f"{path}:2: field 'chosen': too long: 30 characters, over the cap of 20" in capsys.readouterr().out
+    code, lines = run_validate(path, "--stage", "2", "--max_seq_len", "1")  # cap 20 characters
+    assert code == 1 and lines[-1] == "2 rows, 2 problems (too_long: 1, wrong_stage: 1)"

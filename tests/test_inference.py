@@ -185,7 +185,8 @@ def test_score_cli_bad_row_names_file_and_line(tiny_rm_dir, tmp_path):
                                                {"prompt": "what", "chosen": "it"}])
     proc = run_module("inference.score", ["--reward_model", tiny_rm_dir, "--pairs", bad])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {bad}:3: field 'rejected': missing"]
+    assert proc.stderr.strip().splitlines() == [f"error: {bad}:3: field 'rejected': missing: an SFT-only row has no "
+                                                "pair to compare"]  # prompt + chosen alone is an SFT row (#19)
 
 
 def test_score_cli_items_jsonl_and_table(rm, tiny_rm_dir, tmp_path, capsys):

@@ -135,6 +135,20 @@ def _step_of(tag):
     return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else -1
 
 
+def _micro_batches(engines: dict) -> dict:
+    """Each engine's micro-batch per process (DeepSpeed engines say; others are skipped)."""
+    get = lambda e: getattr(e, "train_micro_batch_size_per_gpu", None)  # noqa: E731
+    return {name: get(e)() for name, e in engines.items() if callable(get(e))}
+
+
+def _check_micro_batches(folder, saved: dict, now: dict):
+    """A changed batch size would resume at the wrong data position (next_batch counts batches): refuse."""
+    for name, size in now.items():
+        if saved.get(name, size) != size:
+            raise CheckpointError(f"{folder} was saved with a micro-batch of {saved[name]} per process ('{name}'), "
+                                  f"this run has {size}: resume with the same batch size flags, or pass --no_resume")
+
+
 class Checkpointer:
     """Save/restore every engine plus trainer state in OUTPUT_DIR/checkpoints/stepN; keeps the newest `keep`.
 
@@ -198,7 +212,18 @@ class Checkpointer:
     # -------------------------------------------------------------- save
 
     def save(self, engines: dict, step: int, state: dict, tensors: dict | None = None):
-        """`tensors`: extra named tensor dicts (e.g. an EMA copy), written as safetensors by rank 0."""
+        """`tensors`: extra named tensor dicts (e.g. an EMA copy), written as safetensors by rank 0. A write
+        that fails (a full disk) leaves the earlier checkpoints as they were and says so in one line."""
+        try:
+            self._save(engines, step, state, tensors)
+        except OSError as e:
+            shutil.rmtree(os.path.join(self.root, f".tmp-step{step}"), ignore_errors=True)  # free what it took
+            kept = next((t for t in self.tags() if self.verify(t) is None), None)
+            raise CheckpointError(f"cannot save checkpoint step{step} in {self.root}: {e.strerror or e}; "
+                                  + (f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint")
+                                  + " (free space, then run the same command again to resume)") from None
+
+    def _save(self, engines: dict, step: int, state: dict, tensors: dict | None = None):
         import torch.distributed as dist
         from safetensors.torch import save_file
         tag = f"step{step}"
@@ -218,7 +243,7 @@ class Checkpointer:
             for name, tdict in (tensors or {}).items():
                 save_file({k: v.contiguous() for k, v in tdict.items()}, os.path.join(tmp, f"{name}.safetensors"))
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump({**state, "step": step, "world_size": world}, f)
+                json.dump({**state, "step": step, "world_size": world, "micro_batch": _micro_batches(engines)}, f)
         barrier()
         if self.rank == 0:
             self._commit(tmp, final, tag, step)
@@ -288,6 +313,7 @@ class Checkpointer:
         """Restores engines and this rank's RNGs; returns the extra tensor dicts named in `tensor_names`."""
         from safetensors.torch import load_file
         folder = os.path.join(self.root, tag)
+        _check_micro_batches(folder, state.get("micro_batch") or {}, _micro_batches(engines))
         self.check_pickles(folder)
         for name, engine in engines.items():
             path, _ = engine.load_checkpoint(os.path.join(folder, name), tag="ds", load_module_strict=True,

@@ -92,6 +92,15 @@ def _from_pretrained(auto_cls, path, **kw):
             raise ModelLoadError(f"cannot load '{path}': not a local directory and the Hugging Face Hub is not "
                                  f"reachable or has no such model ({str(e).splitlines()[0][:160]})") from None
         raise ModelLoadError(f"cannot load model from '{path}': {str(e).splitlines()[0][:200]}") from None
+    except ValueError as e:  # e.g. a checkpoint without tokenizer files: transformers cannot build a tokenizer
+        what = "no usable tokenizer (tokenizer.json / tokenizer_config.json; pass --tokenizer_name_or_path)" \
+            if "tokenizer" in str(e).lower() else str(e).strip().splitlines()[0][:200]
+        raise ModelLoadError(f"cannot load '{path}': {what}") from None
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type: a truncated or damaged weights file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelLoadError(f"cannot load '{path}': a weights file is damaged or truncated ({str(e).splitlines()[0]})"
+                             "; copy it again") from None
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code=False):

@@ -49,6 +49,9 @@ class DataOptions:
     on_bad_rows: str = opt("skip", "A malformed, empty or duplicate data row: skip it and report a count with "
                            "the first message, or stop with its file/row/field.", choices=["skip", "error"])
     max_eval_samples: int = opt(0, "Cap the evaluation set (0 = all).", min=0)
+    max_field_chars: int = opt(0, "Cap on the characters of one text field, applied before tokenising (a longer "
+                               "field is cut, or refused with --on_bad_rows error). 0 = 20 x the stage's "
+                               "max_seq_len (step 3: max_prompt_seq_len + max_answer_seq_len).", min=0)
 
     def data_locations(self) -> list[tuple[str, str]]:
         """(flag, value) of every data source the run reads, for the start-up checks."""

@@ -138,6 +138,8 @@ def start_stage(cfg) -> StageContext:
     from utils.ds_config import init_distributed
     from utils.engine import seed_everything
     preflight(cfg)
+    from utils.build_lock import check_build_locks
+    check_build_locks()  # before DeepSpeed loads an op: a lock left by a killed build would hang it silently
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, device = init_distributed()

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from utils.data.rows import (DataError, PreferenceRow, check_text, make_row, parse_hh_text,
+from utils.data.rows import (MISSING, DataError, PreferenceRow, check_text, make_row, parse_hh_text,
                              prompt_messages, require_text)
 
 Mapper = Callable[[dict, str], Optional[PreferenceRow]]
@@ -23,19 +23,37 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 _CITATION = re.compile(r"\s?\[\d+(?:\s*[,\-\u2013]\s*\d+)*\]")
 
 
+REPLY_FIELDS = ("chosen", "response", "completion", "output")  # an SFT reply, in order of precedence
+
+
 def map_generic(record: dict, origin: str) -> PreferenceRow:
-    """Local files: {"prompt","chosen","rejected"} or {"prompt","response"} (SFT-only), or sharegpt."""
+    """Local files: {"prompt","chosen","rejected"} (a preference); {"prompt"} + one of chosen, response,
+    completion, output (SFT-only); {"prompt"} alone (prompt-only, step 3); Alpaca's {"instruction",
+    "input", "output"}; or sharegpt. Which stage can use a row is checked later (rows.stage_problem)."""
     if "conversations" in record:
         return map_sharegpt(record, origin)
+    if "prompt" not in record and "instruction" in record:
+        return map_alpaca(record, origin)
     if "prompt" not in record:
         raise DataError.at(origin, "prompt", "missing", "missing_field")
     prompt = prompt_messages(record["prompt"], origin)
-    if "chosen" not in record and "rejected" not in record and "response" in record:
-        return make_row(origin, prompt, require_text(record, "response", origin), None,
-                        ("prompt", "response", "rejected"))
-    chosen = require_text(record, "chosen", origin)
-    rejected = require_text(record, "rejected", origin)
-    return make_row(origin, prompt, chosen, rejected)
+    if "rejected" in record:
+        return make_row(origin, prompt, require_text(record, "chosen", origin),
+                        require_text(record, "rejected", origin))
+    reply = next((name for name in REPLY_FIELDS if name in record), None)
+    if reply is None:
+        return make_row(origin, prompt, None, None)
+    return make_row(origin, prompt, require_text(record, reply, origin), None, ("prompt", reply, "rejected"))
+
+
+def map_alpaca(record: dict, origin: str) -> PreferenceRow:
+    """Alpaca: the instruction, then the optional input after a blank line, is the prompt; output the reply."""
+    text = require_text(record, "instruction", origin).strip()
+    extra = record.get("input")
+    if extra is not None and check_text(extra, "input", origin).strip():
+        text = f"{text}\n\n{extra.strip()}"
+    reply = require_text(record, "output", origin) if "output" in record else None
+    return make_row(origin, [{"role": "user", "content": text}], reply, None, ("instruction", "output", "rejected"))
 
 
 def _sharegpt_turn(turn, where: str, origin: str) -> tuple[str, str]:
@@ -44,11 +62,11 @@ def _sharegpt_turn(turn, where: str, origin: str) -> tuple[str, str]:
     if not isinstance(turn, dict):
         raise DataError.at(origin, where, f"expected a {{'from','value'}} object, got {type(turn).__name__}",
                            "not_object")
-    speaker = check_text(turn.get("from", turn.get("role")), where + ".from", origin)
+    speaker = check_text(turn.get("from", turn.get("role", MISSING)), where + ".from", origin)
     if speaker not in SHAREGPT_ROLES:
         raise DataError.at(origin, where + ".from",
                            f"unsupported speaker {speaker!r} (use human, gpt or system)")
-    value = check_text(turn.get("value", turn.get("content")), where + ".value", origin)
+    value = check_text(turn.get("value", turn.get("content", MISSING)), where + ".value", origin)
     return SHAREGPT_ROLES[speaker], value
 
 
@@ -71,7 +89,7 @@ def map_sharegpt(record: dict, origin: str) -> PreferenceRow:
         return make_row(origin, messages, reply, None, ("conversations", "conversations", "rejected"))
     for name in ("chosen", "rejected"):
         if record.get(name) is None:
-            raise DataError.at(origin, name, "missing", "missing_field")
+            raise DataError.at(origin, name, "missing" if name not in record else "null", "missing_field")
     _, chosen = _sharegpt_turn(record["chosen"], "chosen", origin)
     _, rejected = _sharegpt_turn(record["rejected"], "rejected", origin)
     return make_row(origin, messages, chosen, rejected, ("conversations", "chosen.value", "rejected.value"))
@@ -124,7 +142,7 @@ def strip_citations(text: str) -> str:
 def _number(record: dict, name: str, origin: str) -> float:
     value = record.get(name)
     if value is None:
-        raise DataError.at(origin, name, "missing", "missing_field")
+        raise DataError.at(origin, name, "missing" if name not in record else "null", "missing_field")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataError.at(origin, name, f"expected a number, got {type(value).__name__}")
     return float(value)
@@ -135,7 +153,7 @@ def map_webgpt(record: dict, origin: str) -> PreferenceRow | None:
     question = record.get("question")
     if not isinstance(question, dict):
         raise DataError.at(origin, "question", "missing or not an object", "missing_field")
-    text = check_text(question.get("full_text"), "question.full_text", origin)
+    text = check_text(question.get("full_text", MISSING), "question.full_text", origin)
     score_0, score_1 = _number(record, "score_0", origin), _number(record, "score_1", origin)
     if score_0 == score_1:
         return None

@@ -13,12 +13,28 @@ def cache_dir_for(cfg):
     return cfg.data_output_path or os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), ".data_cache")
 
 
+# characters per token of the default per-field cap: well above any tokenizer's average (about 4 for English
+# BPE), so a cut never removes text the token truncation would have kept
+CHARS_PER_TOKEN = 20
+
+
+def field_char_cap(cfg) -> int:
+    """--max_field_chars, or CHARS_PER_TOKEN x the stage's longest sequence in tokens."""
+    if getattr(cfg, "max_field_chars", 0):
+        return cfg.max_field_chars
+    tokens = getattr(cfg, "max_seq_len", 0) or (cfg.max_prompt_seq_len + cfg.max_answer_seq_len)
+    return CHARS_PER_TOKEN * tokens
+
+
 def _stage_datasets(cfg, tokenizer, log, dataset_cls, max_len, **kw):
     stage = cfg.data_split_index  # the stage config says which --data_split share it reads
+    cut: list[str] = []
     train_rows, eval_rows, skipped = load_stage_rows(cfg.data_path, cfg.data_split, stage, cfg.seed,
-                                                     cfg.eval_fraction, cfg.on_bad_rows)
+                                                     cfg.eval_fraction, cfg.on_bad_rows, field_char_cap(cfg), cut)
     if skipped:
         log.info(f"skipped {len(skipped)} bad row(s) (--on_bad_rows skip); first: {skipped[0]}")
+    if cut:
+        log.info(f"cut {len(cut)} field(s) to {field_char_cap(cfg)} characters before tokenising; first: {cut[0]}")
     if cfg.max_eval_samples:
         eval_rows = eval_rows[: cfg.max_eval_samples]
     out = []
@@ -29,7 +45,9 @@ def _stage_datasets(cfg, tokenizer, log, dataset_cls, max_len, **kw):
         build = lambda rows=rows: _build(dataset_cls, rows, tokenizer, max_len, log, **kw).columns()  # noqa: E731
         out.append(dataset_cls.from_columns(cached_tokenize(key, build, cache_dir_for(cfg))))
     if len(out[0]) == 0:
-        raise DataError(f"no training rows for this stage in {cfg.data_path} with --data_split {cfg.data_split}")
+        first = out[0].skipped[0] if out[0].skipped else "none"
+        raise DataError(f"all {len(train_rows)} training rows of {' '.join(cfg.data_path)} are too long for "
+                        f"{max_len} tokens (raise --max_seq_len / --max_prompt_seq_len); first: {first}", "too_long")
     return out
 
 

@@ -26,7 +26,7 @@ from functools import partial
 from typing import Callable, Iterable, Iterator
 
 from utils.data.formats import HUB_SETS, HubSet, Mapper, hub_set_for, map_generic
-from utils.data.rows import DataError, PreferenceRow, ReadReport, row_key
+from utils.data.rows import DataError, PreferenceRow, ReadReport, cap_row, row_key
 
 __all__ = ["Source", "ReadReport", "read_source", "read_rows", "supported_names"]
 
@@ -63,11 +63,24 @@ def _read_bytes(path: str) -> bytes:
         raise DataError(f"{path}: cannot read: {err.strerror or err}", "unreadable") from err
 
 
+class _Record(dict):
+    """A JSON object that remembers a key it was given twice (json keeps only the last value, silently)."""
+    duplicate_key: str | None = None
+
+
+def _record(pairs: list) -> _Record:
+    record = _Record(pairs)
+    if len(record) < len(pairs):
+        seen: set = set()
+        record.duplicate_key = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return record
+
+
 def _parse_json_line(raw: bytes, origin: str) -> object:
     # surrogateescape keeps undecodable bytes as lone surrogates, so check_text can name their field
     text = raw.decode("utf-8", "surrogateescape").lstrip("\ufeff")
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_record)
     except json.JSONDecodeError as err:
         raise DataError.at(origin, "(row)", f"invalid JSON: {err.msg} (column {err.colno})", "bad_json") from None
 
@@ -79,7 +92,7 @@ def json_records(path: str) -> Iterator[Record]:
     if data.lstrip().lstrip(b"\xef\xbb\xbf").startswith(b"["):
         text = data.decode("utf-8", "surrogateescape").lstrip("\ufeff")
         try:
-            items = json.loads(text)
+            items = json.loads(text, object_pairs_hook=_record)
         except json.JSONDecodeError as err:
             if not _first_line_parses(lines):  # else: JSON Lines whose first row happens to be a list
                 raise DataError(f"{path}:{err.lineno}: field '(file)': invalid JSON list: {err.msg} "
@@ -151,9 +164,10 @@ def _check_mode(on_bad_rows: str) -> None:
         raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
 
 
-def _collect(records: Iterable[Record], mapper: Mapper, on_bad_rows: str, seen: dict) -> ReadReport:
+def _collect(records: Iterable[Record], mapper: Mapper, on_bad_rows: str, seen: dict, cap: int | None = None
+             ) -> ReadReport:
     """Map and validate each record; `seen` (row content -> origin) catches exact duplicates across
-    every part read with the same dict."""
+    every part read with the same dict; `cap`: the per-field character cap (rows.cap_row)."""
     report = ReadReport(rows=[])
     for origin, load in records:
         try:
@@ -161,9 +175,13 @@ def _collect(records: Iterable[Record], mapper: Mapper, on_bad_rows: str, seen: 
             if not isinstance(record, dict):
                 raise DataError.at(origin, "(row)", f"expected a JSON object, got {type(record).__name__}",
                                    "not_object")
+            if getattr(record, "duplicate_key", None) is not None:
+                raise DataError.at(origin, record.duplicate_key, "given twice in one row object (JSON would keep "
+                                   "only the last value)", "duplicate_key")
             row = mapper(record, origin)
             if row is None:  # not a preference by construction (webgpt tie)
                 continue
+            row = cap_row(row, cap, on_bad_rows, report)
             key = row_key(row)
             if key in seen:
                 raise DataError.at(origin, "(row)", f"exact duplicate of {seen[key]}", "duplicate")
@@ -195,14 +213,16 @@ def _split_files(directory: str) -> dict[str, list[str]]:
 
 
 def _read_parts(name: str, train: Iterator[Record], evals: Iterator[Record] | None, mapper: Mapper,
-                on_bad_rows: str, seen: dict | None) -> Source:
+                on_bad_rows: str, seen: dict | None, cap: int | None = None) -> Source:
     seen = {} if seen is None else seen
-    train_report = _collect(train, mapper, on_bad_rows, seen)
-    eval_report = _collect(evals, mapper, on_bad_rows, seen) if evals is not None else None
+    train_report = _collect(train, mapper, on_bad_rows, seen, cap)
+    if not train_report.rows and not train_report.skipped:
+        raise DataError(f"{name}: empty: no rows (a data source needs at least one row object)", "empty_source")
+    eval_report = _collect(evals, mapper, on_bad_rows, seen, cap) if evals is not None else None
     return Source(name, train_report, eval_report)
 
 
-def _read_split_dir(directory: str, mapper: Mapper, eval_splits, on_bad_rows, seen) -> Source:
+def _read_split_dir(directory: str, mapper: Mapper, eval_splits, on_bad_rows, seen, cap=None) -> Source:
     files = _split_files(directory)
     if "train" not in files:
         raise DataError(f"{directory}: no training file (expected a name containing 'train', e.g. "
@@ -210,10 +230,10 @@ def _read_split_dir(directory: str, mapper: Mapper, eval_splits, on_bad_rows, se
     eval_split = next((s for s in eval_splits if s in files), None)
     evals = _chain(file_records(p) for p in files[eval_split]) if eval_split else None
     return _read_parts(directory, _chain(file_records(p) for p in files["train"]), evals, mapper,
-                       on_bad_rows, seen)
+                       on_bad_rows, seen, cap)
 
 
-def _read_disk_dataset(directory: str, mapper: Mapper, eval_splits, on_bad_rows, seen) -> Source:
+def _read_disk_dataset(directory: str, mapper: Mapper, eval_splits, on_bad_rows, seen, cap=None) -> Source:
     import datasets
     dd = datasets.load_from_disk(directory)
     if not isinstance(dd, datasets.DatasetDict) or "train" not in dd:
@@ -221,7 +241,7 @@ def _read_disk_dataset(directory: str, mapper: Mapper, eval_splits, on_bad_rows,
     eval_split = next((s for s in eval_splits if s in dd), None)
     evals = hf_records(dd[eval_split], f"{directory}[{eval_split}]") if eval_split else None
     return _read_parts(directory, hf_records(dd["train"], f"{directory}[train]"), evals, mapper,
-                       on_bad_rows, seen)
+                       on_bad_rows, seen, cap)
 
 
 def _offline_requested() -> bool:
@@ -229,7 +249,7 @@ def _offline_requested() -> bool:
                for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def _load_hub(hub: HubSet, on_bad_rows: str, seen) -> Source:
+def _load_hub(hub: HubSet, on_bad_rows: str, seen, cap=None) -> Source:
     import datasets
     import datasets.config
     offline_example = (f"cannot load Hub dataset '{hub.name}': no network (offline). Download it elsewhere "
@@ -253,12 +273,14 @@ def _load_hub(hub: HubSet, on_bad_rows: str, seen) -> Source:
     eval_split = next((s for s in hub.eval_splits if s in dd), None)
     evals = hf_records(dd[eval_split], f"{hub.name}[{eval_split}]") if eval_split else None
     return _read_parts(hub.name, hf_records(dd["train"], f"{hub.name}[train]"), evals, hub.mapper,
-                       on_bad_rows, seen)
+                       on_bad_rows, seen, cap)
 
 
-def read_source(path: str, on_bad_rows: str = "error", seen: dict | None = None) -> Source:
+def read_source(path: str, on_bad_rows: str = "error", seen: dict | None = None,
+                max_field_chars: int | None = None) -> Source:
     """Read one data path (see the module docstring for what it may be). `seen` may be shared between
-    calls to catch duplicates across sources (the validate CLI does)."""
+    calls to catch duplicates across sources (the validate CLI does). `max_field_chars`: a text field
+    longer than this is an error ("error") or cut ("skip"), before anything tokenises it."""
     _check_mode(on_bad_rows)
     generic_evals = ("validation", "test")
     if path == "synthetic" or path.startswith("synthetic:"):  # the built-in offline set, "synthetic:N" rows
@@ -273,17 +295,17 @@ def read_source(path: str, on_bad_rows: str = "error", seen: dict | None = None)
             raise DataError(f"local/jsonfile: {directory} does not exist (DeepSpeed-Chat's layout is "
                             "./data/train.json and ./data/eval.json relative to the working directory)",
                             "unreadable")
-        return _read_split_dir(directory, map_generic, generic_evals, on_bad_rows, seen)
+        return _read_split_dir(directory, map_generic, generic_evals, on_bad_rows, seen, max_field_chars)
     if os.path.isfile(path):
-        return _read_parts(path, file_records(path), None, map_generic, on_bad_rows, seen)
+        return _read_parts(path, file_records(path), None, map_generic, on_bad_rows, seen, max_field_chars)
     if os.path.isdir(path):
         hub = hub_set_for(path)
         mapper, evals = (hub.mapper, hub.eval_splits) if hub else (map_generic, generic_evals)
         if os.path.isfile(os.path.join(path, "dataset_dict.json")):
-            return _read_disk_dataset(path, mapper, evals, on_bad_rows, seen)
-        return _read_split_dir(path, mapper, evals, on_bad_rows, seen)
+            return _read_disk_dataset(path, mapper, evals, on_bad_rows, seen, max_field_chars)
+        return _read_split_dir(path, mapper, evals, on_bad_rows, seen, max_field_chars)
     if path in HUB_SETS:
-        return _load_hub(HUB_SETS[path], on_bad_rows, seen)
+        return _load_hub(HUB_SETS[path], on_bad_rows, seen, max_field_chars)
     if os.path.exists(path):
         raise DataError(f"{path}: not a regular file or directory", "unreadable")
     if path.endswith(DATA_EXTS) or path.startswith((".", "/", "~")):
@@ -298,7 +320,7 @@ def read_rows(path: str, on_bad_rows: str = "error") -> ReadReport:
     parts = [source.train] + ([source.eval] if source.eval else [])
     return ReadReport(rows=[r for p in parts for r in p.rows],
                       skipped=[m for p in parts for m in p.skipped],
-                      kinds=[k for p in parts for k in p.kinds])
+                      kinds=[k for p in parts for k in p.kinds], cut=[m for p in parts for m in p.cut])
 
 
 def rows_of(paths: Iterable[str], on_bad_rows: str = "error") -> list[PreferenceRow]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from utils.data.readers import read_source
-from utils.data.rows import DataError, PreferenceRow
+from utils.data.rows import DataError, PreferenceRow, stage_problem
 
 STAGE_NAMES = ("sft", "reward", "rlhf")
 
@@ -73,12 +73,14 @@ def carve_eval(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list
 
 
 def load_stage_rows(data_paths: list[str], data_split: str, stage: int, seed: int,
-                    eval_fraction: float = 0.1, on_bad_rows: str = "error"
-                    ) -> tuple[list[PreferenceRow], list[PreferenceRow], list[str]]:
+                    eval_fraction: float = 0.1, on_bad_rows: str = "error", max_field_chars: int | None = None,
+                    cut: list | None = None) -> tuple[list[PreferenceRow], list[PreferenceRow], list[str]]:
     """(train_rows, eval_rows, skipped_messages) for `stage`, blending several sources.
 
     Each source is split by `data_split` on its own (as upstream), then the parts are concatenated in
-    the order given; shuffling is the training sampler's job.
+    the order given; shuffling is the training sampler's job. Rows that lack what the stage needs
+    (rows.stage_problem) are dropped after the split, so every stage's slice stays where it was.
+    `cut` (a list) collects the notes of fields cut to `max_field_chars`.
     """
     if isinstance(data_paths, str):
         data_paths = data_paths.split()
@@ -86,17 +88,45 @@ def load_stage_rows(data_paths: list[str], data_split: str, stage: int, seed: in
     eval_rows: list[PreferenceRow] = []
     skipped: list[str] = []
     for path in data_paths:
-        source = read_source(path, on_bad_rows)
+        source = read_source(path, on_bad_rows, max_field_chars=max_field_chars)
+        _refuse_all_bad(path, source.train.rows, source.train.skipped, "bad")
         skipped.extend(source.skipped)
+        if cut is not None:
+            cut.extend(source.train.cut + (source.eval.cut if source.eval else []))
         pool = source.train.rows
         if source.eval is not None:
             held_out = source.eval.rows
         else:
             train_idx, eval_idx = carve_eval(len(pool), eval_fraction, seed)
             pool, held_out = [pool[i] for i in train_idx], [pool[i] for i in eval_idx]
-        train_rows.extend(pool[i] for i in split_indices(len(pool), data_split, stage, seed))
-        eval_rows.extend(held_out)
+        mine = [pool[i] for i in split_indices(len(pool), data_split, stage, seed)]
+        kept, dropped = _fit_for_stage(mine, stage, on_bad_rows)
+        _refuse_all_bad(path, kept, dropped, f"unusable for stage {stage + 1} ({STAGE_NAMES[stage]})")
+        train_rows.extend(kept)
+        eval_rows.extend(_fit_for_stage(held_out, stage, on_bad_rows)[0])
+        skipped.extend(dropped)
     if not train_rows:
-        raise DataError(f"no training rows for stage {stage} from {', '.join(data_paths)} with data_split "
-                        f"{data_split!r}", "empty")
+        raise DataError(f"no training rows for stage {stage + 1} from {', '.join(data_paths)}: --data_split "
+                        f"{data_split!r} leaves this stage an empty slice (too few rows for its share)", "empty")
     return train_rows, eval_rows, skipped
+
+
+def _fit_for_stage(rows: list[PreferenceRow], stage: int, on_bad_rows: str) -> tuple[list[PreferenceRow], list[str]]:
+    """(rows the stage can use, messages of the others); "error" raises the first problem."""
+    kept, dropped = [], []
+    for row in rows:
+        problem = stage_problem(row, stage)
+        if problem is None:
+            kept.append(row)
+        elif on_bad_rows == "error":
+            raise problem
+        else:
+            dropped.append(str(problem))
+    return kept, dropped
+
+
+def _refuse_all_bad(path: str, rows: list, bad: list[str], what: str) -> None:
+    """Every row of a source bad: name the file, the count and the first reason (not --data_split)."""
+    if not rows and bad:
+        raise DataError(f"{path}: all {len(bad)} rows are {what} (--on_bad_rows skip dropped them); first: "
+                        f"{bad[0]}", "all_bad")

@@ -1,10 +1,14 @@
 """Check data files before training: every problem, one line each, then a summary.
 
-    python -m utils.data.validate FILE [FILE...] [--max_chars N] [--tokenizer DIR --max_seq_len N]
+    python -m utils.data.validate FILE [FILE...] [--stage 1|2|3] [--max_seq_len N] [--max_chars N]
+                                  [--tokenizer DIR]
 
 Reads each source with the training readers in skip mode (so the rules are exactly the ones training
-applies), then adds checks that need the whole set: prompt length (characters of the rendered
-prompt, or tokens with --tokenizer) and exact duplicates across all the files given.
+applies), then adds checks that need the whole set: what `--stage` needs of each row (step 1 a reply,
+step 2 chosen and rejected, step 3 a prompt), the per-field character cap training applies before
+tokenising (--max_field_chars, default 20 x --max_seq_len; flagged here, cut or refused in training
+per --on_bad_rows), prompt length (characters of the rendered prompt with --max_chars, or tokens with
+--tokenizer) and exact duplicates across all the files given. An empty source is a problem.
 Prints "FILE:LINE: field 'F': problem" per problem and "N rows, K problems (kind: count, ...)".
 Exit status: 0 clean, 1 problems found, 2 a file is missing/unreadable (or the arguments are wrong).
 """
@@ -17,11 +21,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from utils.data.readers import read_source
-from utils.data.rows import DataError, PreferenceRow
+from utils.data.rows import DataError, PreferenceRow, long_fields, stage_problem
 from utils.data.templates import format_prompt
 from utils.options import ConfigError, check_fields, opt, parse_config
 
 SOURCE_FATAL = ("unreadable", "unknown_source")
+DEFAULT_MAX_SEQ_LEN = 512  # the stages' default --max_seq_len
+CHARS_PER_TOKEN = 20       # as utils.data.pipeline.CHARS_PER_TOKEN (not imported: that module needs torch)
 
 
 def prompt_length_problems(rows: list[PreferenceRow], max_chars: int | None, tokenizer,
@@ -41,8 +47,22 @@ def prompt_length_problems(rows: list[PreferenceRow], max_chars: int | None, tok
     return problems
 
 
+def row_problems(rows: list[PreferenceRow], stage: int | None, field_cap: int | None) -> list[DataError]:
+    """What `stage` (1, 2, 3) needs of each row, and fields over the character cap."""
+    problems = []
+    for row in rows:
+        problem = stage_problem(row, stage - 1) if stage else None
+        if problem is not None:
+            problems.append(problem)
+        for name, n in long_fields(row, field_cap) if field_cap else []:
+            problems.append(DataError.at(row.origin, name, f"too long: {n} characters, over the cap of {field_cap} "
+                                         "(20 x max_seq_len); training cuts it (--on_bad_rows skip) or stops "
+                                         "(error)", "too_long"))
+    return problems
+
+
 def validate(paths: list[str], max_chars: int | None = None, tokenizer=None, max_seq_len: int | None = None,
-             out=None) -> int:
+             out=None, stage: int | None = None, field_cap: int | None = None) -> int:
     """Print every problem and the summary (to `out`, default stdout); return the exit status."""
     out = out or sys.stdout
     seen: dict = {}  # shared, so duplicates are found across files too
@@ -61,7 +81,9 @@ def validate(paths: list[str], max_chars: int | None = None, tokenizer=None, max
                 print(message, file=out)
             kinds.update(part.kinds)
             n_rows += len(part.rows) + len(part.skipped)
-            for problem in prompt_length_problems(part.rows, max_chars, tokenizer, max_seq_len):
+            problems = row_problems(part.rows, stage, field_cap) + \
+                prompt_length_problems(part.rows, max_chars, tokenizer, max_seq_len)
+            for problem in problems:
                 print(str(problem), file=out)
                 kinds[problem.kind] += 1
     total = sum(kinds.values())
@@ -73,18 +95,23 @@ def validate(paths: list[str], max_chars: int | None = None, tokenizer=None, max
 @dataclass
 class ValidateConfig:
     files: list = opt([], "files, directories or dataset names (as --data_path)", positional=True)
+    stage: Optional[int] = opt(None, "also check what this stage needs: 1 a reply, 2 chosen and rejected, 3 a prompt",
+                               choices=[1, 2, 3])
     max_chars: Optional[int] = opt(None, "flag prompts longer than this")
     tokenizer: Optional[str] = opt(None, "tokenizer directory for the token-length check")
-    max_seq_len: Optional[int] = opt(None, None)
+    max_seq_len: Optional[int] = opt(None, f"the training --max_seq_len: the token-length check (with --tokenizer) "
+                                           f"and the per-field character cap, {CHARS_PER_TOKEN} x it (default "
+                                           f"{DEFAULT_MAX_SEQ_LEN})")
+    max_field_chars: int = opt(0, "the training --max_field_chars (0 = 20 x --max_seq_len)", min=0)
 
     def validate(self):
         check_fields(self)
-        if (self.tokenizer is None) != (self.max_seq_len is None):
-            raise ConfigError("--tokenizer and --max_seq_len go together")
+        if self.tokenizer is not None and self.max_seq_len is None:
+            raise ConfigError("--tokenizer needs --max_seq_len (the token-length check)")
 
 
 def main(argv=None) -> int:
-    args = parse_config(ValidateConfig, argv, description="Validate preference/SFT data files.",
+    args = parse_config(ValidateConfig, argv, description="Validate preference/SFT/prompt data files.",
                         formatter_class=argparse.HelpFormatter)
     tokenizer = None
     if args.tokenizer:
@@ -94,7 +121,9 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as err:
             print(f"{args.tokenizer}: cannot load tokenizer: {str(err).splitlines()[0]}", file=sys.stderr)
             return 2
-    return validate(args.files, args.max_chars, tokenizer, args.max_seq_len)
+    field_cap = args.max_field_chars or CHARS_PER_TOKEN * (args.max_seq_len or DEFAULT_MAX_SEQ_LEN)
+    return validate(args.files, args.max_chars, tokenizer, args.max_seq_len if tokenizer else None,
+                    stage=args.stage, field_cap=field_cap)
 
 
 if __name__ == "__main__":
