@@ -10,7 +10,7 @@ import torch
 from step3_rlhf.algorithms import compute_advantages, policy_loss
 from step3_rlhf.engines import EMA, ReferenceScope
 from step3_rlhf.experience import Experience, RewardFunction, generate, response_logprobs, response_values
-from utils.engine import NonFiniteGuard
+from utils.guards import NonFiniteGuard
 from utils.losses import masked_mean, sft_loss, value_loss
 
 

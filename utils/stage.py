@@ -127,7 +127,7 @@ def check_data_location(flag, value):
 
 def preflight(cfg, stage_name):
     """Every check that needs no model and no DeepSpeed: paths, names, split shares, --resume, output dir."""
-    from utils.engine import Checkpointer
+    from utils.checkpoint import Checkpointer
     names = [v for _, v in model_locations(cfg)] + list(getattr(cfg, "data_path", []) or []) + \
         [getattr(cfg, "unsupervised_dataset_name", "")]
     non_local = [n for n in names if n and not os.path.exists(n) and not looks_local(n) and not builtin_name(n)]
@@ -161,7 +161,7 @@ def preflight(cfg, stage_name):
 
 def start_stage(cfg, stage_name) -> StageContext:
     from utils.ds_config import init_distributed
-    from utils.engine import seed_everything
+    from utils.rng import seed_everything
     preflight(cfg, stage_name)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -182,7 +182,7 @@ def start_stage(cfg, stage_name) -> StageContext:
 def user_errors():
     """Exception types whose message is the whole story for a user: printed as one line, exit 2."""
     from utils.data.rows import DataError
-    from utils.engine import CheckpointError
+    from utils.checkpoint import CheckpointError
     return (ConfigError, DataError, ModelLoadError, CheckpointError, FileNotFoundError)
 
 

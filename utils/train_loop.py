@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from utils.engine import CheckpointError, Checkpointer, NonFiniteGuard, StopRequest, gradients_finite
+from utils.checkpoint import CheckpointError, Checkpointer
+from utils.guards import NonFiniteGuard, StopRequest, gradients_finite
 
 
 def epoch_batches(n, batch_size, world_size, rank, seed, epoch):
