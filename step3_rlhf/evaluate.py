@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from utils.data.templates import last_user_message
+from utils.rng import fork_rng
 
 
 @torch.no_grad()
@@ -13,7 +14,7 @@ def evaluate_policy(trainer, items, batch_size, seed):
     if not items:
         return None
     scores, kls, rows = [], [], []
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng():  # the CPU's and the current GPU's RNGs (fork_rng(devices=[]) kept the CPU's only)
         torch.manual_seed(seed)
         for start in range(0, len(items), batch_size):
             exp = trainer.make_experience(trainer.collate(items[start:start + batch_size]), sample=False)

@@ -93,8 +93,8 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
                 break
             batch = collate([dataset[i] for i in batches[b]])
             loss, m = loss_fn(engine, batch)
-            if not guard.check(step + 1, {"loss": loss.detach()}):
-                continue
+            if not guard.check(step + 1, {"loss": loss.detach()}, reset=False):  # a run of bad updates ends
+                continue                                                         # with an update (below)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
             if boundary and not gradients_finite(engine):
@@ -103,8 +103,9 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
                 continue
             skipped_before = engine.skipped_steps
             engine.step()
-            if count_ds_skips and engine.skipped_steps > skipped_before:
-                guard.check(step + 1, {"gradient": float("nan")})
+            if boundary:  # DeepSpeed's own skips count as bad updates (not fp16 overflows: the scaler's)
+                ds_skipped = count_ds_skips and engine.skipped_steps > skipped_before
+                guard.check(step + 1, {"gradient": float("nan") if ds_skipped else 0.0})
             for k, v in m.items():
                 window.setdefault(k, []).append(float(v))
             if not boundary:
