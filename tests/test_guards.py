@@ -7,6 +7,7 @@ process group and on the join, so a disagreement fails the test instead of hangi
 import datetime
 import os
 import queue
+import signal
 import socket
 import types
 
@@ -164,7 +165,12 @@ def _run_train(tmp_path, engine, max_bad_steps=10, n=3):
     log = types.SimpleNamespace(info=messages.append, scalars=lambda *a: None, progress=lambda *a, **k: bar,
                                 print_loss=False)
     loss_fn = lambda eng, batch: (torch.tensor(1.0), {"train/loss": 1.0})  # noqa: E731
-    train(cfg, engine, list(range(n)), lambda rows: rows, loss_fn, lambda: {}, log, 0, 1, "stage")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        train(cfg, engine, list(range(n)), lambda rows: rows, loss_fn, lambda: {}, log, 0, 1, "stage")
+    finally:  # a run stopped by the guard leaves its StopRequest handlers installed
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return messages
 
 

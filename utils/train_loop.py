@@ -65,7 +65,8 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
 
     A micro-batch whose loss is not finite is dropped before backward (no engine.step either, so DeepSpeed's
     accumulation window stays aligned and the next micro-batch takes its place); with ZeRO 0 a non-finite
-    accumulated gradient drops the window (ZeRO 1-3: DeepSpeed skips that step itself, and it is counted)."""
+    accumulated gradient drops the window (ZeRO 1-3: DeepSpeed skips that step itself, and it is counted; fp16:
+    its loss scaler skips the step and lowers the scale). Every rank drops and counts alike (utils/guards.py)."""
     ckpt = Checkpointer(cfg.output_dir, cfg.save_total_limit, rank, log, fresh=cfg.no_resume)
     guard = NonFiniteGuard(cfg.max_bad_steps, stage_name)
     stop = StopRequest()
