@@ -29,7 +29,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from utils.engine import Checkpointer  # noqa: E402
+from utils.checkpoint import Checkpointer  # noqa: E402
 
 STAGES = {1: "step1_sft", 2: "step2_reward_model", 3: "step3_rlhf"}
 PTX_TEXT = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(40))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from utils.rng import fork_rng
+
 
 @torch.no_grad()
 def evaluate_policy(maker, items, batch_size, seed):
@@ -12,7 +14,7 @@ def evaluate_policy(maker, items, batch_size, seed):
     if not items:
         return None
     scores, kls, rows = [], [], []
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng():  # the CPU's and the current GPU's RNGs (fork_rng(devices=[]) kept the CPU's only)
         torch.manual_seed(seed)
         for start in range(0, len(items), batch_size):
             exp = maker.make(items[start:start + batch_size], sample=False)

@@ -11,13 +11,16 @@ import math
 import sys
 
 from step3_rlhf.experience_maker import experience_stats
-from utils.engine import Checkpointer, StopRequest
+from utils.checkpoint import Checkpointer
+from utils.guards import StopRequest, agreed_max
 from utils.train_loop import epoch_batches, resume, stop_message
 
 
 def check_guards(cfg, stats, step):
     """--reward_guard / --kl_guard: a reward model whose scores explode or a KL that runs away stops the run
-    (non-finite values are the NonFiniteGuard's: that step is skipped and counted)."""
+    (non-finite values are the NonFiniteGuard's: that step is skipped and counted). Decided on the maxima over
+    all ranks, so every rank raises together."""
+    stats = agreed_max(stats, ("reward/abs_max", "kl/mean"))
     if math.isfinite(stats["reward/abs_max"]) and stats["reward/abs_max"] > cfg.reward_guard:
         raise FloatingPointError(f"step3_rlhf: step {step}: a reward of magnitude {stats['reward/abs_max']:.4g} is "
                                  f"beyond --reward_guard {cfg.reward_guard} (mean {stats['reward/mean']:.4g}); is "

@@ -12,7 +12,7 @@ import torch
 from step3_rlhf.algorithms import policy_loss
 from step3_rlhf.engines import EMA
 from step3_rlhf.experience import Experience, response_logprobs, response_values
-from utils.engine import NonFiniteGuard
+from utils.guards import NonFiniteGuard
 from utils.losses import masked_mean, sft_loss, value_loss
 
 

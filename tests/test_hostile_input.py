@@ -273,7 +273,7 @@ class _FakeEngine:
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import safetensors.torch
-    from utils.engine import Checkpointer
+    from utils.checkpoint import Checkpointer
     from utils.stage import user_errors
     ckpt = Checkpointer(str(tmp_path))
     ckpt.save({"model": _FakeEngine()}, 1, {"epoch": 0})
@@ -290,7 +290,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
 
 
 def test_checkpoint_of_another_model_is_refused_not_deleted(tmp_path):
-    from utils.engine import Checkpointer
+    from utils.checkpoint import Checkpointer
     ckpt = Checkpointer(str(tmp_path))
     ckpt.save({"model": _FakeEngine()}, 1, {"epoch": 0})
     before = _snapshot(ckpt.root)
@@ -308,7 +308,7 @@ class _SizedEngine(_FakeEngine):
 
 
 def test_resume_with_a_changed_batch_size_is_refused(tmp_path):
-    from utils.engine import Checkpointer
+    from utils.checkpoint import Checkpointer
     ckpt = Checkpointer(str(tmp_path))
     ckpt.save({"model": _SizedEngine(8)}, 1, {"epoch": 0})
     before = _snapshot(ckpt.root)
@@ -320,7 +320,7 @@ def test_resume_with_a_changed_batch_size_is_refused(tmp_path):
 
 def test_resume_with_a_changed_world_size_warns_in_one_line(tmp_path):
     import torch
-    from utils.engine import Checkpointer
+    from utils.checkpoint import Checkpointer
 
     class Loads(_SizedEngine):
         def save_checkpoint(self, folder, tag, save_latest):

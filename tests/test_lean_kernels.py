@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from utils.allocator import find_tcmalloc, wanted
+from utils.allocator import find_tcmalloc, gpu_node, wanted
 from utils.attention import grouped_matmul_attention
 from utils.fused_layers import fuse_layers
 from utils.padding import left_padding, row_groups, run_row_groups
@@ -150,5 +150,5 @@ def test_allocator_choice_and_reexec():
     env = {k: v for k, v in os.environ.items() if k not in ("RLHFKIT_REEXEC", "LD_PRELOAD", "RLHFKIT_ALLOCATOR")}
     run = lambda e: subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True,  # noqa
                                    text=True, check=True).stdout.strip()
-    assert run(env) == ("tcmalloc" if find_tcmalloc() else "system")
+    assert run(env) == ("tcmalloc" if find_tcmalloc() and not gpu_node() else "system")  # auto: not on GPU nodes
     assert run(dict(env, RLHFKIT_ALLOCATOR="system")) == "system"

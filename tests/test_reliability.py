@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from utils.engine import Checkpointer, CheckpointError, NonFiniteGuard
+from utils.checkpoint import Checkpointer, CheckpointError
+from utils.guards import NonFiniteGuard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -158,7 +159,7 @@ CRASH_SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
 from tests.test_reliability import FakeEngine
-from utils.engine import Checkpointer
+from utils.checkpoint import Checkpointer
 ck = Checkpointer({out!r}, keep=2)
 ck.save({{"model": FakeEngine(1.0)}}, 1, {{"epoch": 0, "next_batch": 1}})
 ck.save({{"model": FakeEngine(2.0, crash_in_save=True)}}, 2, {{"epoch": 0, "next_batch": 2}})

@@ -7,15 +7,21 @@ bench/ppo_throughput.py). The allocator has to be in place before the process st
 the library and is not yet using it re-executes itself once with it in LD_PRELOAD (same PID, same
 arguments). `--allocator system` (or RLHFKIT_ALLOCATOR=system) keeps glibc; without the library nothing
 changes (install it with `apt-get install libtcmalloc-minimal4`, which scripts/install.sh does when it can).
+The measurements are CPU ones: on a GPU node (an NVIDIA driver or nvidia-smi present, checked without
+importing torch) tensors live in the CUDA caching allocator, and a preloaded tcmalloc can clash with the
+driver's and other libraries' allocators, so `auto` keeps glibc there; `--allocator tcmalloc` (or
+RLHFKIT_ALLOCATOR=tcmalloc) asks for it anyway.
 """
 from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 
 CANDIDATES = tuple(f"/usr/{d}/libtcmalloc_minimal.so.4" for d in ("lib/x86_64-linux-gnu", "lib/aarch64-linux-gnu",
                                                                    "lib64", "lib"))
+NVIDIA_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version")
 
 
 def find_tcmalloc() -> str | None:
@@ -34,13 +40,28 @@ def active_allocator() -> str:
         return "system"
 
 
-def wanted(argv) -> bool:
-    if os.environ.get("RLHFKIT_ALLOCATOR", "auto") == "system":
-        return False
+def gpu_node() -> bool:
+    """Whether this machine has an NVIDIA GPU, judged without importing torch (this runs before it is)."""
+    return bool(shutil.which("nvidia-smi")) or any(os.path.exists(p) for p in NVIDIA_DEVICE_FILES)
+
+
+def requested(argv) -> set:
+    """The choices given: RLHFKIT_ALLOCATOR and every --allocator in argv ('auto' when none)."""
+    asks = {os.environ.get("RLHFKIT_ALLOCATOR", "auto")}
     for i, arg in enumerate(argv):
-        if arg == "--allocator=system" or (arg == "--allocator" and argv[i + 1:i + 2] == ["system"]):
-            return False
-    return sys.platform.startswith("linux")
+        if arg.startswith("--allocator="):
+            asks.add(arg.split("=", 1)[1])
+        elif arg == "--allocator" and i + 1 < len(argv):
+            asks.add(argv[i + 1])
+    return asks
+
+
+def wanted(argv) -> bool:
+    """'system' anywhere wins; 'tcmalloc' asks for it even on a GPU node; auto: only on a machine without one."""
+    asks = requested(argv)
+    if "system" in asks or not sys.platform.startswith("linux"):
+        return False
+    return "tcmalloc" in asks or not gpu_node()
 
 
 def use_tcmalloc(argv=None):

@@ -9,6 +9,8 @@ goes, and no matmul is recomputed.
 
 `fuse_layers(model)` swaps the forward of every matching module; a module it does not recognise exactly
 (another norm formula, an activation other than SiLU, LoRA or ZeRO-3-partitioned weights) keeps its own.
+They were written and measured for CPU; on CUDA HF's modules (and the fused kernels a user may patch in, e.g.
+Liger) stay unless --fused_layers asks for these (`wanted`).
 """
 from __future__ import annotations
 
@@ -74,6 +76,11 @@ def _mlp_forward(self, x):
     if torch.is_grad_enabled() and type(down) is torch.nn.Linear and down.bias is None and _plain(down.weight):
         return SwiGLUDownFunction.apply(self.gate_proj(x), self.up_proj(x), down.weight)
     return self._plain_forward(x)
+
+
+def wanted(requested) -> bool:
+    """--fused_layers: True/False as given; None (not given) = on only where CUDA is not available."""
+    return (not torch.cuda.is_available()) if requested is None else bool(requested)
 
 
 def fuse_layers(model) -> int:

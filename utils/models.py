@@ -178,13 +178,13 @@ def set_attention(model, attention="auto"):
 
 def prepare_model(model, *, dropout=None, disable_dropout=False, gradient_checkpointing=False,
                   lora_dim=0, lora_alpha=0.0, lora_module_name="layers.", lora_only=False, attention="auto",
-                  fused_layers=True):
-    """Attention kernel, lean layers, dropout, gradient checkpointing and LoRA, applied the same way for every
-    model."""
-    from utils.fused_layers import fuse_layers
+                  fused_layers=None):
+    """Attention kernel, lean layers (`fused_layers` None: auto, see utils/fused_layers.wanted), dropout,
+    gradient checkpointing and LoRA, applied the same way for every model."""
+    from utils import fused_layers as lean
     set_attention(model, attention)
-    if fused_layers:
-        fuse_layers(model)  # checks each module when it runs, so LoRA added below simply gets the plain path
+    if lean.wanted(fused_layers):
+        lean.fuse_layers(model)  # checks each module when it runs, so LoRA added below simply gets the plain path
     _apply_dropout(model, dropout, disable_dropout)
     if gradient_checkpointing:
         # config.use_cache stays as it is: every training forward passes use_cache=False itself, and a

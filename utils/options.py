@@ -101,10 +101,14 @@ class RunOptions:
     attn_implementation: str = opt("auto", "Attention kernel: auto = grouped_matmul for bf16 on CPU (utils/"
                                    "attention.py, faster than SDPA's CPU kernel there), else the model's default; "
                                    "or force one.", choices=["auto", "grouped_matmul", "sdpa", "eager"])
-    allocator: str = opt("auto", "Memory allocator: auto = tcmalloc where installed (utils/allocator.py: less "
-                         "memory held, faster on CPU), system = glibc malloc.", choices=["auto", "system"])
-    fused_layers: bool = opt(True, "Llama-style RMSNorm and SwiGLU MLP keep only their inputs for backward "
-                             "(utils/fused_layers.py: same forward, about half the activation memory).")
+    allocator: str = opt("auto", "Memory allocator: auto = tcmalloc where installed on a machine without a GPU "
+                         "(utils/allocator.py: less memory held, faster on CPU), tcmalloc = also on a GPU node, "
+                         "system = glibc malloc.", choices=["auto", "tcmalloc", "system"])
+    fused_layers: typing.Optional[bool] = opt(None, "Llama-style RMSNorm and SwiGLU MLP keep only their inputs for "
+                                              "backward (utils/fused_layers.py: same forward, about half the "
+                                              "activation memory). Not given (auto): on without CUDA, off with it "
+                                              "(HF's modules and kernels stay); --fused_layers/--no-fused_layers "
+                                              "force it.")
     dry_run: bool = opt(False, "Check options, data and model configs (config.json, no weights), print the plan "
                         "and an estimate of peak memory per process, and exit 0 without training.")
 
@@ -176,7 +180,8 @@ def _add_field(parser, f, tp):
     if meta.get("required"):
         default = None  # a required flag has no default to show
     if tp is bool:
-        parser.add_argument(name, action="store_true" if not default else argparse.BooleanOptionalAction,
+        # default None (auto) or True: --name and --no-name; default False: --name only
+        parser.add_argument(name, action="store_true" if default is False else argparse.BooleanOptionalAction,
                             default=default, help=help_text)
     elif tp is list or typing.get_origin(tp) is list:
         parser.add_argument(name, nargs=meta.pop("nargs", "+"), default=default, help=help_text, **meta)

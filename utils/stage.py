@@ -103,7 +103,7 @@ def check_data_location(flag, value):
 def preflight(cfg):
     """Every check that needs no model and no DeepSpeed: paths, names, split shares, --resume, output dir.
     The stage's config says what it loads (`model_locations()`, `data_locations()`) and which data share."""
-    from utils.engine import Checkpointer
+    from utils.checkpoint import Checkpointer
     locations, data = cfg.model_locations(), cfg.data_locations()
     names = [v for _, v in locations + data]
     non_local = [n for n in names if n and not os.path.exists(n) and not looks_local(n) and not builtin_name(n)]
@@ -136,7 +136,7 @@ def preflight(cfg):
 def start_stage(cfg) -> StageContext:
     """Preflight, then threads, the process group, dtype and seed; the logger is named by `cfg.stage_name`."""
     from utils.ds_config import init_distributed
-    from utils.engine import seed_everything
+    from utils.rng import seed_everything
     preflight(cfg)
     from utils.build_lock import check_build_locks
     check_build_locks()  # before DeepSpeed loads an op: a lock left by a killed build would hang it silently
@@ -157,7 +157,7 @@ def start_stage(cfg) -> StageContext:
 def user_errors():
     """Exception types whose message is the whole story for a user: printed as one line, exit 2."""
     from utils.data.rows import DataError
-    from utils.engine import CheckpointError
+    from utils.checkpoint import CheckpointError
     return (ConfigError, DataError, ModelLoadError, CheckpointError, FileNotFoundError)
 
 

@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from utils.engine import CheckpointError, Checkpointer, NonFiniteGuard, StopRequest, gradients_finite
+from utils.checkpoint import CheckpointError, Checkpointer
+from utils.guards import NonFiniteGuard, StopRequest, gradients_finite
 
 
 def epoch_batches(n, batch_size, world_size, rank, seed, epoch):
@@ -64,7 +65,8 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
 
     A micro-batch whose loss is not finite is dropped before backward (no engine.step either, so DeepSpeed's
     accumulation window stays aligned and the next micro-batch takes its place); with ZeRO 0 a non-finite
-    accumulated gradient drops the window (ZeRO 1-3: DeepSpeed skips that step itself, and it is counted)."""
+    accumulated gradient drops the window (ZeRO 1-3: DeepSpeed skips that step itself, and it is counted; fp16:
+    its loss scaler skips the step and lowers the scale). Every rank drops and counts alike (utils/guards.py)."""
     ckpt = Checkpointer(cfg.output_dir, cfg.save_total_limit, rank, log, fresh=cfg.no_resume)
     guard = NonFiniteGuard(cfg.max_bad_steps, stage_name)
     stop = StopRequest()
@@ -92,8 +94,8 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
                 break
             batch = collate([dataset[i] for i in batches[b]])
             loss, m = loss_fn(engine, batch)
-            if not guard.check(step + 1, {"loss": loss.detach()}):
-                continue
+            if not guard.check(step + 1, {"loss": loss.detach()}, reset=False):  # a run of bad updates ends
+                continue                                                         # with an update (below)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
             if boundary and not gradients_finite(engine):
@@ -102,8 +104,9 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
                 continue
             skipped_before = engine.skipped_steps
             engine.step()
-            if count_ds_skips and engine.skipped_steps > skipped_before:
-                guard.check(step + 1, {"gradient": float("nan")})
+            if boundary:  # DeepSpeed's own skips count as bad updates (not fp16 overflows: the scaler's)
+                ds_skipped = count_ds_skips and engine.skipped_steps > skipped_before
+                guard.check(step + 1, {"gradient": float("nan") if ds_skipped else 0.0})
             for k, v in m.items():
                 window.setdefault(k, []).append(float(v))
             if not boundary:
