@@ -25,6 +25,7 @@ from typing import Optional
 from inference.common import (context_limit, effective_max_len, load_for_inference, model_label,
                               quiet_transformers, score_items)
 from utils.data.datasets import tokenize_prompt
+from utils.data.readers import parse_json_line
 from utils.data.rows import DataError
 from utils.data.templates import end_of_turn
 from utils.models import ModelLoadError
@@ -101,10 +102,7 @@ def read_prompt_file(path: str) -> list[str]:
             prompts.append(line.strip())
             continue
         origin = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError.at(origin, "(row)", f"invalid JSON: {err.msg} (column {err.colno})", "bad_json") from None
+        record = parse_json_line(line, origin)
         if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
             raise DataError.at(origin, "prompt", "missing or not a non-empty string", "missing_field")
         prompts.append(record["prompt"].strip())

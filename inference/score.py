@@ -20,7 +20,7 @@ from typing import Optional
 
 from inference.common import (TRUNCATION_RULE, effective_max_len, encode_replies, load_for_inference,
                               quiet_transformers, score_items, score_sequences)
-from utils.data.readers import read_rows
+from utils.data.readers import parse_json_line, read_rows
 from utils.data.rows import DataError, check_text, prompt_messages
 from utils.losses import pair_credit, pairwise_outcomes
 from utils.models import ModelLoadError
@@ -86,10 +86,7 @@ def read_items(lines, name: str):
         if not line.strip():
             continue
         origin = f"{name}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError.at(origin, "(row)", f"invalid JSON: {err.msg} (column {err.colno})", "bad_json") from None
+        record = parse_json_line(line, origin)
         items.append(parse_item(record, origin))
     return items
 

@@ -66,7 +66,7 @@ def collate_prompts(batch, pad_id):
             "prompts": [b["prompt"] for b in batch], "metas": [b["meta"] for b in batch]}
 
 
-def _read_texts(name):
+def _read_texts(name, config_name=""):
     if os.path.isfile(name):
         if name.endswith((".jsonl", ".json")):
             texts = []
@@ -82,7 +82,7 @@ def _read_texts(name):
             return [p.strip() for p in f.read().split("\n\n") if p.strip()]
     try:
         import datasets
-        return [r["text"] for r in datasets.load_dataset(name, split="train") if r["text"].strip()]
+        return [r["text"] for r in datasets.load_dataset(name, config_name or None, split="train") if r["text"].strip()]
     except Exception as e:  # noqa: BLE001
         raise DataError(f"cannot load unsupervised dataset '{name}' ({type(e).__name__}); offline? pass a local "
                         ".txt or .jsonl with a 'text' field") from None
@@ -125,7 +125,7 @@ class PtxBatches:
 
 def ptx_batches(cfg, tokenizer, batch_size, max_len, rank=0, world_size=1) -> PtxBatches:
     """This rank's PTX batches of --unsupervised_dataset_name (a .txt, a .jsonl with 'text', or a Hub set)."""
-    texts = _read_texts(cfg.unsupervised_dataset_name)
+    texts = _read_texts(cfg.unsupervised_dataset_name, cfg.unsupervised_dataset_config_name)
     if not texts:
         raise DataError(f"{cfg.unsupervised_dataset_name}: no text found for --unsupervised_dataset_name")
     items = []

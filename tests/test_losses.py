@@ -8,7 +8,7 @@ from utils.losses import (
     aggregate_loss, entropy_from_logits, gae_advantages_and_returns, gather_last, gather_logprobs,
     group_advantages, grpo_loss, kl_k3, kl_penalized_rewards, last_token_index, masked_mean,
     masked_sum, masked_whiten, pairwise_accuracy, pairwise_reward_loss, ppo_policy_loss,
-    reinforce_advantages, reinforce_loss, rloo_advantages, sft_loss, value_loss,
+    reinforce_loss, rloo_advantages, sft_loss, value_loss,
 )
 
 
@@ -248,7 +248,6 @@ def test_group_advantages():
     a = 0.5 / (math.sqrt(1 / 3) + 1e-4)  # 0.865875
     assert close(adv, [a, -a, -a, a, 0.0, 0.0, 0.0, 0.0], atol=1e-5)
     assert close(group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, scale_by_std=False), [0.5, -0.5, -0.5, 0.5])
-    assert close(reinforce_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4), [a, -a, -a, a], atol=1e-5)
 
 
 def test_rloo_advantages():

@@ -6,7 +6,6 @@ import socket
 
 import torch
 
-GLOBAL_BATCH_NOTE = "train_batch_size = micro batch x grad accumulation x world size"
 
 
 _SINGLE_PROCESS_PORT = "RLHFKIT_SINGLE_PROCESS_PORT"  # the MASTER_PORT that init_distributed made up itself

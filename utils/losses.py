@@ -301,15 +301,6 @@ def rloo_advantages(scores, group_size):
     return (grouped - baseline).reshape(-1)
 
 
-def reinforce_advantages(scores, group_size, eps=1e-4):
-    """Reinforce-Lite advantages: group mean/std normalisation, identical to group_advantages.
-
-    Kept as its own name so the trainer reads by algorithm; the difference from GRPO is in the loss
-    (no ratio / clipping, see reinforce_loss), not in the advantages.
-    """
-    return group_advantages(scores, group_size, scale_by_std=True, eps=eps)
-
-
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, cliprange, beta,
               loss_agg="seq-mean-token-mean", max_len=None):
     """GRPO: per-token clipped surrogate with the sequence advantage [B] broadcast over tokens,

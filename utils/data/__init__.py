@@ -9,25 +9,5 @@
     cache.py      cached_tokenize (npz, no pickle)
     synthetic.py  offline demo data;  validate.py  the data checker CLI
 
-Names are re-exported lazily so `python -m utils.data.validate` does not import torch.
+Import from the module that defines a name (no re-exports here: `python -m utils.data.validate` stays torch-free).
 """
-import importlib
-
-_EXPORTS = {
-    "rows": ("PreferenceRow", "DataError", "ReadReport"),
-    "readers": ("Source", "read_source", "read_rows", "supported_names"),
-    "splits": ("split_indices", "load_stage_rows"),
-    "templates": ("format_prompt", "response_text"),
-    "datasets": ("SFTDataset", "PairDataset", "PromptDataset", "collate_right_padded", "collate_pairs",
-                 "collate_left_padded_prompts", "IGNORE_INDEX"),
-    "cache": ("cached_tokenize", "cache_key_parts"),
-    "synthetic": ("make_synthetic_preferences",),
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

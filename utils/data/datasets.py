@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from utils.data.cache import cache_key_parts, cached_tokenize  # noqa: F401 - re-exported
 from utils.data.rows import DataError, PreferenceRow
 from utils.data.templates import format_prompt, response_text, uses_chat_template
 

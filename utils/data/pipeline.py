@@ -4,8 +4,9 @@ from __future__ import annotations
 import functools
 import os
 
-from utils.data.datasets import (PairDataset, PromptDataset, SFTDataset, cache_key_parts, cached_tokenize,
-                                 collate_left_padded_prompts, collate_pairs, collate_right_padded)
+from utils.data.cache import cache_key_parts, cached_tokenize
+from utils.data.datasets import (PairDataset, PromptDataset, SFTDataset, collate_left_padded_prompts, collate_pairs,
+                                 collate_right_padded)
 from utils.data.rows import DataError
 from utils.data.splits import load_stage_rows
 

@@ -26,7 +26,7 @@ from functools import partial
 from typing import Callable, Iterable, Iterator
 
 from utils.data.formats import HUB_SETS, HubSet, Mapper, hub_set_for, map_generic
-from utils.data.rows import DataError, PreferenceRow, ReadReport, cap_row, row_key
+from utils.data.rows import DataError, ReadReport, cap_row, row_key
 
 __all__ = ["Source", "ReadReport", "read_source", "read_rows", "supported_names"]
 
@@ -76,9 +76,10 @@ def _record(pairs: list) -> _Record:
     return record
 
 
-def _parse_json_line(raw: bytes, origin: str) -> object:
+def parse_json_line(raw: bytes | str, origin: str) -> object:
+    """One JSON Lines row; bad JSON raises DataError "ORIGIN: field '(row)': invalid JSON ..."."""
     # surrogateescape keeps undecodable bytes as lone surrogates, so check_text can name their field
-    text = raw.decode("utf-8", "surrogateescape").lstrip("\ufeff")
+    text = (raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw).lstrip("\ufeff")
     try:
         return json.loads(text, object_pairs_hook=_record)
     except json.JSONDecodeError as err:
@@ -105,7 +106,7 @@ def json_records(path: str) -> Iterator[Record]:
     for lineno, raw in enumerate(lines, 1):
         if raw.strip():
             origin = f"{path}:{lineno}"
-            yield origin, partial(_parse_json_line, raw, origin)
+            yield origin, partial(parse_json_line, raw, origin)
 
 
 def _first_line_parses(lines: list[bytes]) -> bool:
@@ -321,8 +322,3 @@ def read_rows(path: str, on_bad_rows: str = "error") -> ReadReport:
     return ReadReport(rows=[r for p in parts for r in p.rows],
                       skipped=[m for p in parts for m in p.skipped],
                       kinds=[k for p in parts for k in p.kinds], cut=[m for p in parts for m in p.cut])
-
-
-def rows_of(paths: Iterable[str], on_bad_rows: str = "error") -> list[PreferenceRow]:
-    """Convenience: every row of several sources, concatenated."""
-    return [row for path in paths for row in read_rows(path, on_bad_rows).rows]
