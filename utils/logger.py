@@ -7,6 +7,8 @@ import sys
 import time
 from contextlib import contextmanager
 
+from utils.phase import set_phase
+
 
 class RunLogger:
     """Rank 0 writes; other ranks get no-ops so call sites need no `if rank == 0`."""
@@ -41,6 +43,7 @@ class RunLogger:
 
     @contextmanager
     def timer(self, name):
+        set_phase(name.split("/")[-1])  # a hang or failure report names it (utils/phase.py)
         t = time.perf_counter()
         yield
         self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - t
