@@ -63,8 +63,9 @@ def varied_prompts(path, n=40, seed=3):
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        length = 3 + (i * 127) // (n - 1)
-        prompt = "".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(length))
+        length = 3 + (i * 127) // (n - 1)  # tokens: words of up to 8 letters, one token a letter or a space
+        letters = [" " if k % 9 == 8 else rng.choice("bcdfghjklmnpqrstvwxz") for k in range(length)]
+        prompt = "".join(letters).strip()
         rows.append({"prompt": prompt, "chosen": f"yes {i}", "rejected": f"no {i}"})
     rng.shuffle(rows)
     with open(path, "w") as f:
@@ -146,11 +147,15 @@ def wide_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reward_dir(wide_model_dir, tmp_path_factory):
+def reward_dir(tmp_path_factory):
+    """Critic/reward of another width than the actor: a rank whose forward calls are out of step with another's
+    then asks for gathers of other sizes and stops, instead of silently pairing with a same-shaped model's."""
+    from tests.tiny import build_tiny_model_dir
+    base = build_tiny_model_dir(str(tmp_path_factory.mktemp("rm_base")), hidden=96)
     rm = str(tmp_path_factory.mktemp("rm"))
     torch.manual_seed(0)
-    load_value_model(wide_model_dir, head_init_std=1.0).save_pretrained(rm)
-    load_tokenizer(wide_model_dir).save_pretrained(rm)
+    load_value_model(base, head_init_std=1.0).save_pretrained(rm)
+    load_tokenizer(base).save_pretrained(rm)
     return rm
 
 
