@@ -57,7 +57,8 @@ def main(argv):
     elif case == "sigterm":  # both ranks blocked in a collective that never completes; the test sends SIGTERM
         set_stop_grace(2)
         set_phase("training")
-        open(f"{os.environ['READY']}.{rank}", "w").close()
+        with open(f"{os.environ['READY']}.{rank}", "w") as f:
+            f.write(f"{os.getpid()} {os.getppid()}")
         if rank == 0:
             dist.all_reduce(torch.ones(1))
         else:
@@ -65,7 +66,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "sigterm":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    if args[0] == "sigterm":
         import signal
         signal.signal(signal.SIGTERM, lambda *a: None)  # as StopRequest: a flag the blocked main thread never sees
-    run_main(main, sys.argv[1:])
+    run_main(main, args)

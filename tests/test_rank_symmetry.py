@@ -2,6 +2,7 @@
 and a rank stuck in a collective ends the run naming its rank and phase, leaving no process behind."""
 import ast
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,3 +88,41 @@ def test_sigterm_ends_ranks_blocked_in_a_collective(tmp_path):
     codes, outs = finish(procs, timeout=60)
     assert codes == [128 + signal.SIGTERM] * 2, outs
     assert "still running 2 s after signal 15 during 'training'" in outs[0], outs[0][-2000:]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_ranks_stop_when_the_deepspeed_runner_is_terminated(tmp_path):
+    """On one node the `deepspeed` runner dies of SIGTERM without passing it on; its ranks (blocked in a
+    collective here) and DeepSpeed's per-node launcher must not run on as orphans."""
+    if shutil.which("deepspeed") is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+    ready = str(tmp_path / "ready")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TIMEOUT": "600", "READY": ready, "PYTHONPATH": REPO}
+    runner = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), WORKER, "sigterm"],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not all(os.path.exists(f"{ready}.{r}") for r in range(2)):
+            time.sleep(0.5)
+        time.sleep(1)
+        pids = [int(p) for r in range(2) for p in open(f"{ready}.{r}").read().split()]  # ranks and launch.py
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=30)
+        deadline = time.time() + 60
+        while time.time() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.5)
+        assert not [p for p in pids if alive(p)], "processes left behind after the runner's SIGTERM"
+    finally:
+        try:
+            os.killpg(runner.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

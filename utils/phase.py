@@ -7,7 +7,10 @@ outlives its launcher. Two ways out, both naming the rank and the phase:
   and `run_main` reports it (`describe_failure`) and exits;
 - `install_stop_watchdog`: SIGTERM/SIGINT also wake a helper thread (through the signal wakeup fd, which the
   C-level handler writes even while the main thread is blocked); if the process is still running
-  `--stop_grace_seconds` later (the normal stop saves and exits well before), it exits on its own.
+  `--stop_grace_seconds` later (the normal stop saves and exits well before), it exits on its own;
+- `watch_launcher`: on one node the `deepspeed` runner dies of SIGTERM without passing it on, and its ranks
+  would run (or hang) on as orphans: a rank whose launcher is gone sends itself SIGTERM (save, exit; the
+  watchdog above ends it if it is blocked).
 The loops mark their phase with `set_phase` (RunLogger.timer does it for step 3's timed phases).
 """
 from __future__ import annotations
@@ -79,3 +82,47 @@ def install_stop_watchdog(on_exit=None):
         os._exit(128 + stops[0])
 
     threading.Thread(target=watch, name="stop-watchdog", daemon=True).start()
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def launcher_pids() -> list[int]:
+    """The processes whose death means this rank should stop: its parent when a launcher started it (RANK set),
+    and the `deepspeed` runner above DeepSpeed's per-node launcher. Not a shell: a run under nohup goes on."""
+    if "RANK" not in os.environ or not os.path.isdir("/proc"):
+        return []
+    parent = os.getppid()
+    pids = [parent]
+    grand = _parent_of(parent)
+    if grand and "deepspeed.launcher.launch" in _cmdline(parent) and "deepspeed" in _cmdline(grand):
+        pids.append(grand)
+    return pids
+
+
+def watch_launcher(poll_s: float = 2.0):
+    """SIGTERM to this process once a launcher process (`launcher_pids`) is gone."""
+    pids = launcher_pids()
+    if not pids:
+        return
+
+    def watch():
+        while all(os.path.exists(f"/proc/{p}") for p in pids) and os.getppid() == pids[0]:
+            time.sleep(poll_s)
+        print(f"error: {rank_name()}: its launcher is gone; stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()

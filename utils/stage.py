@@ -19,7 +19,7 @@ from utils.allocator import active_allocator
 from utils.logger import RunLogger
 from utils.models import OFFLINE_DEFAULT, ModelLoadError, resolve_dtype
 from utils.options import ConfigError
-from utils.phase import describe_failure, install_stop_watchdog, set_stop_grace
+from utils.phase import describe_failure, install_stop_watchdog, set_stop_grace, watch_launcher
 
 STAGE_INDEX = {"step1_sft": 0, "step2_reward_model": 1, "step3_rlhf": 2}
 _LOCAL_ONLY = ("synthetic", "generate", "local/jsonfile")  # built-in names; also "synthetic:N", "generate:N"
@@ -193,6 +193,7 @@ def run_main(main, argv=None):
     because torch/gloo can abort at interpreter exit after all the work is done."""
     code = 0
     install_stop_watchdog(on_exit=release_shared_memory)
+    watch_launcher()
     try:
         main(argv)
     except SystemExit as e:
