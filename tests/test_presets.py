@@ -40,7 +40,8 @@ def captured_launches(script, tmp_path, extra_args=()):
     args = [str(tmp_path / f"arg{n}") for n in range(1, max(required, default=0) + 1)]
     env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "CAPTURE": str(capture),
            "HOSTFILE": str(tmp_path / "hostfile")}
-    proc = subprocess.run(["bash", script, *args, *extra_args], cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["bash", script, *args, *extra_args], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, f"{script}: {proc.stderr[-2000:]}"
     launches = []
     for f in sorted(os.listdir(capture)):

@@ -8,11 +8,13 @@ columns on the left changes no position and no attention) for fewer FLOPs. Right
 kept: response tensors stay aligned to the right edge of the batch.
 
 Several processes: under ZeRO-3 every forward call all-gathers the weights, so every rank must make the same
-number of calls or the ranks hang waiting on each other. The plan (how many groups, how many rows in each) is
-therefore made from lengths that all ranks agree on: the i-th shortest block's length (width less its left
-padding) is all-reduced with MAX, every rank cuts its own sorted blocks at the same positions, and each group is then cut only to the
-columns that are padding in all of its rows on this rank. Same number of calls, same rows per call on every
-rank (batches are the same size on every rank), one tiny all-reduce per batch; with one process nothing changes.
+number of calls or the ranks hang waiting on each other (or, worse, pair a gather with another model's). The
+plan (how many groups, how many rows in each) is therefore made from lengths all ranks agree on: the i-th
+shortest block's length (width less its left padding) is all-reduced with MAX, every rank cuts its own sorted
+blocks at the same positions, and each group is then cut only to the columns that are padding in all of its
+rows on this rank. Same number of calls with the same rows on every rank (batches are the same size on every
+rank), for two tiny all-reduces per batch; one process: no collective, the plan as before. (The simpler rule,
+one group whenever several processes run, would give up the padding savings on every multi-GPU run.)
 """
 from __future__ import annotations
 
