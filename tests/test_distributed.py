@@ -241,5 +241,19 @@ def test_first_ppo_update_is_the_same_with_one_and_two_processes(wide_model_dir,
         assert float(off.max()) < 0.05 * lr and float((off > 1e-3 * lr).double().mean()) < 1e-3, k
 
 
+def test_a_rank_out_of_step_ends_the_run_naming_rank_and_phase(wide_model_dir, supervised_data, tmp_path):
+    """Rank 1 makes one eval forward more (a ZeRO-3 gather rank 0 never joins): --collective_timeout ends the
+    run with one line naming the rank and phase, well inside the test's limit, and no process is left."""
+    proc = launch("tests/asymmetric_sft.py", [
+        "--model_name_or_path", wide_model_dir, "--data_path", supervised_data, "--data_split", "1,0,0",
+        "--output_dir", str(tmp_path / "out"), "--max_seq_len", "64", "--per_device_eval_batch_size", "2",
+        "--max_eval_samples", "4", "--max_steps", "1", "--dtype", "fp32", "--zero_stage", "3", "--threads", "1",
+        "--disable_progress_bar", "--no_resume", "--collective_timeout", "15"], timeout=300, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "waited longer than --collective_timeout on a collective during 'evaluation before training'" in text, \
+        text[-3000:]
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
