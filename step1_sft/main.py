@@ -23,6 +23,7 @@ from utils.engine import build_train_engine  # noqa: E402
 from utils.losses import sft_loss  # noqa: E402
 from utils.models import gathered_state_dict, load_causal_lm, load_tokenizer, save_hf_model  # noqa: E402
 from utils.options import parse_config  # noqa: E402
+from utils.phase import set_phase  # noqa: E402
 from utils.plan import dry_run  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
@@ -40,8 +41,9 @@ def evaluate(engine, dataset, collate, batch_size, device):
     import torch.distributed as dist
     engine.eval()
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for idx in rank_batches(len(dataset), batch_size):
+    for idx, n_real in rank_batches(len(dataset), batch_size):
         batch = {k: v.to(device) for k, v in collate([dataset[j] for j in idx]).items()}
+        batch["labels"][n_real:] = -100  # a repeated row (equal batch counts on every rank) counts no token
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         loss, n = sft_loss(logits.float(), batch["labels"])
         total += loss.double().cpu() * n.cpu()
@@ -88,6 +90,7 @@ def main(argv=None):
                                 dtype=ctx.dtype, grad_clip=cfg.grad_clip,
                                 lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
     ev = lambda: evaluate(engine, eval_set, collate, cfg.per_device_eval_batch_size, ctx.device)  # noqa: E731
+    set_phase("evaluation before training")
     before = ev() if cfg.compare_before else {}
     ctx.log.scalars(before, 0)  # the report then shows before -> after
     ctx.log.info(f"{len(train_set)} training / {len(eval_set)} eval sequences, {total} optimizer steps")

@@ -26,6 +26,7 @@ from utils.losses import (gather_last, last_token_index, pairwise_accuracy, pair
                           pairwise_reward_loss)
 from utils.models import TokenValues, load_tokenizer, load_value_model, save_hf_model, value_head  # noqa: E402
 from utils.options import ConfigError, parse_config  # noqa: E402
+from utils.phase import set_phase  # noqa: E402
 from utils.plan import dry_run, supervised_plan  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
@@ -95,10 +96,10 @@ def eval_pair_scores(engine, dataset, collate, batch_size, device, chunk=0, scor
     import torch.distributed as dist
     engine.eval()
     mine = []
-    for idx in rank_batches(len(dataset), batch_size):
+    for idx, n_real in rank_batches(len(dataset), batch_size):
         batch = {k: v.to(device) for k, v in collate([dataset[j] for j in idx]).items()}
-        c, r = pair_scores(engine, batch, chunk, score_offset)
-        mine.extend(zip(idx, c.double().cpu().tolist(), r.double().cpu().tolist()))
+        c, r = pair_scores(engine, batch, chunk, score_offset)  # a repeated row (equal batch counts) is dropped:
+        mine.extend(zip(idx[:n_real], c[:n_real].double().cpu().tolist(), r[:n_real].double().cpu().tolist()))
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     return sorted(t for part in every for t in part)
@@ -161,6 +162,7 @@ def main(argv=None):
         eval_clock["seconds"] += time.perf_counter() - start
         return eval_metrics(eval_clock["scores"])
 
+    set_phase("evaluation before training")
     before = ev() if cfg.compare_before else {}
     ctx.log.scalars(before, 0)  # the report then shows before -> after, as for step 1
     eval_clock["seconds"] = 0.0

@@ -20,10 +20,13 @@ def _inherited_single_process_env() -> bool:
     return port is not None and port == os.environ.get("MASTER_PORT") and not dist.is_initialized()
 
 
-def init_distributed():
+def init_distributed(timeout_s: float = 1800):
     """Start torch.distributed through DeepSpeed; a plain `python main.py` becomes a 1-process group.
 
+    A collective that waits longer than `timeout_s` raises (utils/phase.py reports it with rank and phase).
     Idempotent within a process. Returns (rank, world_size, device)."""
+    from datetime import timedelta
+
     import deepspeed
     inherited = _inherited_single_process_env()
     if "RANK" not in os.environ or inherited:  # not started by the deepspeed launcher / torchrun
@@ -33,7 +36,8 @@ def init_distributed():
         port = port if inherited else os.environ.get("MASTER_PORT", port)
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         os.environ[_SINGLE_PROCESS_PORT] = port
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               timeout=timedelta(seconds=timeout_s))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -15,6 +15,8 @@ import sys
 import time
 from contextlib import contextmanager
 
+from utils.phase import set_phase
+
 _HEAD_PREFIXES = ("score.", "classifier.")
 # DeepSpeed modules that import see_memory_usage by name and call it with force=True
 _DS_MEMORY_DUMPERS = ("deepspeed.runtime.bf16_optimizer", "deepspeed.runtime.zero.stage_1_and_2",
@@ -102,6 +104,7 @@ class RunLogger:
 
     @contextmanager
     def timer(self, name):
+        set_phase(name.split("/")[-1])  # a hang or failure report names it (utils/phase.py)
         t = time.perf_counter()
         yield
         self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - t

@@ -98,6 +98,11 @@ class RunOptions:
                        "when one is there; --no_resume starts over).")
     no_resume: bool = opt(False, "Ignore checkpoints in OUTPUT_DIR and start over.")
     max_bad_steps: int = opt(3, "Stop after this many consecutive non-finite losses (each is skipped).", min=1)
+    collective_timeout: int = opt(1800, "Several processes: seconds a rank waits on a collective (all-reduce, "
+                                  "ZeRO-3 weight gather) before the run stops with an error naming the rank and "
+                                  "phase (a hang: another rank is elsewhere or dead).", min=1)
+    stop_grace_seconds: int = opt(120, "After SIGTERM/SIGINT a rank finishes its step, saves and exits; one still "
+                                  "running this many seconds later (blocked on a collective) exits without saving.", min=0)
     attn_implementation: str = opt("auto", "Attention kernel: auto = grouped_matmul for bf16 on CPU (utils/"
                                    "attention.py, faster than SDPA's CPU kernel there), else the model's default; "
                                    "or force one.", choices=["auto", "grouped_matmul", "sdpa", "eager"])

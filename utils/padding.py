@@ -6,6 +6,15 @@ padding and running them in up to `max_groups` groups, each without the columns 
 its rows, computes the same numbers (position ids come from the attention mask, so dropping all-padding
 columns on the left changes no position and no attention) for fewer FLOPs. Right-side (response) padding is
 kept: response tensors stay aligned to the right edge of the batch.
+
+Several processes: under ZeRO-3 every forward call all-gathers the weights, so every rank must make the same
+number of calls or the ranks hang waiting on each other (or, worse, pair a gather with another model's). The
+plan (how many groups, how many rows in each) is therefore made from lengths all ranks agree on: the i-th
+shortest block's length (width less its left padding) is all-reduced with MAX, every rank cuts its own sorted
+blocks at the same positions, and each group is then cut only to the columns that are padding in all of its
+rows on this rank. Same number of calls with the same rows on every rank (batches are the same size on every
+rank), for two tiny all-reduces per batch; one process: no collective, the plan as before. (The simpler rule,
+one group whenever several processes run, would give up the padding savings on every multi-GPU run.)
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ def row_groups(attention_mask: torch.Tensor, align: int = 1, max_groups: int = 3
     lead = left_padding(attention_mask).view(B // align, align).min(-1).values.tolist()
     order = sorted(range(len(lead)), key=lambda b: -lead[b])  # most padding first (stable)
     n = len(order)
+    length = agreed_lengths([W - lead[b] for b in order], attention_mask.device)  # same on all ranks
     best = {(0, 0): (0, [])}  # (blocks placed, groups used) -> (cost, cut points)
     for k in range(1, max_groups + 1):
         for end in range(1, n + 1):
@@ -37,8 +47,8 @@ def row_groups(attention_mask: torch.Tensor, align: int = 1, max_groups: int = 3
                 prev = best.get((start, k - 1))
                 if prev is None:
                     continue
-                cut = lead[order[end - 1]]  # the run's least-padded block sets its width
-                cost = prev[0] + (end - start) * align * (W - cut) + (overhead_tokens if k > 1 else 0)
+                # the run's least-padded (longest) block sets its width
+                cost = prev[0] + (end - start) * align * length[end - 1] + (overhead_tokens if k > 1 else 0)
                 cands.append((cost, prev[1] + [end]))
             if cands:
                 best[(end, k)] = min(cands, key=lambda c: c[0])
@@ -50,6 +60,25 @@ def row_groups(attention_mask: torch.Tensor, align: int = 1, max_groups: int = 3
         groups.append((rows, min(lead[b] for b in blocks)))
         start = end
     return groups
+
+
+def agreed_lengths(sorted_len: list[int], device) -> list[int]:
+    """Each position's length (blocks sorted shortest first) as the maximum over all ranks: identical on every
+    rank, so the grouping made from it is too. One process: `sorted_len` itself. Ranks holding different
+    numbers of blocks cannot make the same calls: that is a bug upstream of here, and it stops with an error."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sorted_len
+    n = len(sorted_len)
+    sizes = torch.tensor([n, -n], dtype=torch.long, device=device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    if int(sizes[0]) != -int(sizes[1]):
+        raise RuntimeError(f"rank {dist.get_rank()}: {n} row blocks in this batch but another rank has "
+                           f"{int(sizes[0]) if int(sizes[0]) != n else -int(sizes[1])}; every rank needs the same "
+                           "batch size to make the same number of forward calls")
+    agreed = torch.tensor(sorted_len, dtype=torch.long, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return agreed.tolist()
 
 
 def run_row_groups(fn, attention_mask, *tensors, align=1, max_groups=3, row_chunk=None):

@@ -19,6 +19,7 @@ from utils.allocator import active_allocator
 from utils.logger import RunLogger
 from utils.models import OFFLINE_DEFAULT, ModelLoadError, resolve_dtype
 from utils.options import ConfigError
+from utils.phase import describe_failure, install_stop_watchdog, set_stop_grace, watch_launcher
 
 _LOCAL_ONLY = ("synthetic", "generate", "local/jsonfile")  # built-in names; also "synthetic:N", "generate:N"
 
@@ -142,7 +143,8 @@ def start_stage(cfg) -> StageContext:
     check_build_locks()  # before DeepSpeed loads an op: a lock left by a killed build would hang it silently
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world, device = init_distributed()
+    set_stop_grace(getattr(cfg, "stop_grace_seconds", 120))
+    rank, world, device = init_distributed(getattr(cfg, "collective_timeout", 1800))
     dtype = resolve_dtype(cfg.dtype)  # --dtype fp16 without a GPU was refused by the config's validate()
     seed_everything(cfg.seed)
     if rank == 0:
@@ -165,6 +167,8 @@ def run_main(main, argv=None):
     """Run a stage's main; user errors exit 2 with one line, a numerical stop exits 3. Ends with os._exit
     because torch/gloo can abort at interpreter exit after all the work is done."""
     code = 0
+    install_stop_watchdog(on_exit=release_shared_memory)
+    watch_launcher()
     try:
         main(argv)
     except SystemExit as e:
@@ -181,8 +185,9 @@ def run_main(main, argv=None):
         print("interrupted (second signal): stopped without saving; run the same command again to resume from "
               "the last checkpoint", file=sys.stderr)
         code = 130
-    except Exception:
+    except Exception as e:
         traceback.print_exc()
+        print(describe_failure(e), file=sys.stderr)
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()

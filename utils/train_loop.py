@@ -15,6 +15,7 @@ import torch
 
 from utils.checkpoint import CheckpointError, Checkpointer
 from utils.guards import NonFiniteGuard, StopRequest, gradients_finite
+from utils.phase import set_phase
 
 
 def epoch_batches(n, batch_size, world_size, rank, seed, epoch):
@@ -27,11 +28,21 @@ def epoch_batches(n, batch_size, world_size, rank, seed, epoch):
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def rank_batches(n, batch_size):
-    """Evaluation order: this rank's indices (strided), in fixed-size batches; no padding or repeats."""
-    import torch.distributed as dist
-    mine = list(range(dist.get_rank(), n, dist.get_world_size()))
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+def rank_batches(n, batch_size, rank=None, world_size=None):
+    """Evaluation order: this rank's indices (strided) in batches, as [(indices, n_real)].
+
+    Every rank gets the same number of batches of the same sizes (under ZeRO-3 each eval forward is a
+    collective, so a rank with one batch fewer would leave the others waiting forever): a rank whose share is
+    one row short repeats a row at the end of its last batch. Only the first `n_real` indices of a batch are
+    real; the caller gives the repeats no weight, so the metric is still exact over the n real rows."""
+    if rank is None:
+        import torch.distributed as dist
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    mine = list(range(rank, n, world_size))
+    per_rank = math.ceil(n / world_size)
+    padded = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
+    return [(padded[i:i + batch_size], max(0, min(batch_size, len(mine) - i)))
+            for i in range(0, per_rank, batch_size)]
 
 
 def steps_per_epoch(n, batch_size, world_size, grad_accum):
@@ -92,6 +103,7 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
         for b in range(batch0 if epoch == epoch0 else 0, len(batches)):
             if step >= total:
                 break
+            set_phase(f"{stage_name} training step {step + 1}")
             batch = collate([dataset[i] for i in batches[b]])
             loss, m = loss_fn(engine, batch)
             if not guard.check(step + 1, {"loss": loss.detach()}, reset=False):  # a run of bad updates ends
@@ -121,6 +133,7 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
             bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logged.items() if k != "train/lr"})
             bar.update(1)
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total:
+                set_phase(f"{stage_name} evaluation after step {step}")
                 metrics = eval_fn()
                 log.scalars(metrics, step)
                 log.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -137,6 +150,7 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
     stop.close()
     if guard.total:
         log.info(f"{guard.total} update(s) skipped because the loss or gradient was not finite")
+    set_phase(f"{stage_name} final evaluation")
     metrics = eval_fn()
     log.scalars(metrics, step)
     return metrics, step

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Llama-2-7b actor on one node with all its GPUs, ZeRO-2 (DeepSpeed-Chat's single_node/run_1.3b.sh).
+# Llama-2-7b actor on one node with all its GPUs, ZeRO-3 (DeepSpeed-Chat's single_node/run_llama2_7b.sh).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 OUTPUT=${1:-./output/step1_llama2_7b}; ZERO_STAGE=${2:-3}

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# PPO: Llama-2-7b actor and critic/reward on one GPU, LoRA actor, hybrid engine.
+# PPO: Llama-2-7b actor and critic/reward on one GPU, LoRA actor.
+# No --enable_hybrid_engine here (DeepSpeed-Chat has it): its kernels do not see our LoRA weights and would sample
+# from the base model, so step 3 refuses the pair; generation uses the model's generate() instead.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 ACTOR=${1:?step-1 output dir}; CRITIC=${2:?step-2 output dir}; OUTPUT=${3:-./output/step3_llama2_7b}
@@ -14,5 +16,5 @@ deepspeed --num_gpus 1 "$REPO/step3_rlhf/main.py" \
   --actor_learning_rate 9.65e-6 --critic_learning_rate 5e-6 --num_train_epochs 1 --lr_scheduler_type cosine \
   --num_warmup_steps 100 --gradient_accumulation_steps 1 --seed 1234 \
   --actor_lora_dim 128 --actor_lora_module_name layers. --only_optimize_lora --offload --offload_reference_model --offload_reward_model \
-  --actor_gradient_checkpointing --actor_dropout 0.0 --enable_hybrid_engine --dtype auto \
+  --actor_gradient_checkpointing --actor_dropout 0.0 --dtype auto \
   --enable_tensorboard --save_interval 200 --output_dir "$OUTPUT" "${@:6}" 2>&1 | tee "$OUTPUT/training.log"
