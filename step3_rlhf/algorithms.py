@@ -4,8 +4,9 @@
 - grpo: group-normalised sequence advantages, clipped ratio, k3 KL to the reference as a loss term.
 - rloo: leave-one-out baseline, clipped ratio.
 - reinforce: group-normalised advantage, no ratio ("Reinforce-Lite"), optional KL term.
-- reinforce_pp: REINFORCE++ (OpenRLHF's "reinforce"): k1 KL in the per-token reward, reward-to-go whitened over
-  the whole batch (no critic, no groups: one sample per prompt is enough), clipped ratio.
+- reinforce_pp: REINFORCE++ (OpenRLHF's advantage_estimator "reinforce", veRL's "reinforce_plus_plus"; "++" is no
+  flag-safe name): k1 KL in the per-token reward, reward-to-go whitened over the whole batch (no critic, no groups:
+  one sample per prompt is enough), clipped ratio.
 
 Adding an algorithm is one `Algorithm` entry in ALGORITHMS plus its pure loss/advantage functions in
 utils/policy_losses.py; every decision that depends on the algorithm (engines built, reference needed, default loss

@@ -84,7 +84,11 @@ class RLTrainer:
             gap = (logp.detach() - mb.logprobs).abs()
             add("logprob_mismatch/mean", masked_mean(gap, mb.action_mask))
             add("logprob_mismatch/max", torch.where(mb.action_mask != 0, gap, torch.zeros_like(gap)).max())
-        loss, st = policy_loss(mb, logp, cfg, entropy=ent, n_tokens=n_tokens)
+        # the entropy and the step's token count go in only when an option reads them
+        kw = {"entropy": ent} if getattr(cfg, "entropy_coeff", 0.0) else {}
+        if n_tokens is not None:
+            kw["n_tokens"] = n_tokens
+        loss, st = policy_loss(mb, logp, cfg, **kw)
         if not self.guard.check(step, {"policy loss": loss.detach()}, reset=self.e.critic is None):
             return
         applied = _step(self.e.actor, loss)

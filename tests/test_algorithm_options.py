@@ -11,6 +11,9 @@ from step3_rlhf.algorithms import compute_advantages, kl_places, policy_loss
 from step3_rlhf.config import RLHFConfig
 from step3_rlhf.experience import Experience
 from step3_rlhf.trainer import RLTrainer
+from tests.test_critic_free import _cfg as critic_free_cfg
+from tests.test_critic_free import _keep_torch_threads  # noqa: F401 (autouse: --threads 1 is put back)
+from tests.test_critic_free import _run as critic_free_run
 from utils.options import ConfigError
 from utils.policy_losses import (aggregate_loss, clipped_surrogate, kl_estimate, kl_penalized_scores,
                                  reinforce_pp_advantages)
@@ -23,11 +26,8 @@ def close(a, b, atol=1e-6):
 
 
 def _cfg(**kw):
-    base = dict(algo="grpo", num_generations=2, scale_rewards=True, kl_ctl=0.1, clip_reward_value=5.0, gamma=1.0,
-                lam=0.95, whiten_advantages=False, cliprange=0.2, beta=0.0, loss_agg="token-mean",
-                max_answer_seq_len=2)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    """test_critic_free's config (grpo, kl_ctl 0.1, beta 0, cliprange 0.2), in groups of 2, token-mean."""
+    return critic_free_cfg(**{"num_generations": 2, "loss_agg": "token-mean", **kw})
 
 
 # ------------------------------------------------------------------ KL estimators
@@ -249,3 +249,32 @@ def test_trainer_logs_the_update_side_statistics():
     assert stats["ratio/max"] == pytest.approx(math.exp(0.1))
     assert stats["clipfrac/low"] == 0.0 and stats["clipfrac/high"] == 0.0 and stats["entropy"] == 1.0
     assert logp.grad is not None  # the update went through the kept graph
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("algo,flags", [
+    # REINFORCE++ with one sample per prompt learns the test_critic_free rule (the number of "a" written)
+    ("reinforce_pp", ["--per_device_generation_batch_size", "16", "--per_device_training_batch_size", "16"]),
+    # every new option at once on GRPO: clip-higher, GSPO, DAPO aggregation, k2 KL in the reward, entropy bonus
+    ("grpo", ["--num_generations", "4", "--per_device_generation_batch_size", "4", "--per_device_training_batch_size",
+              "8", "--cliprange_high", "0.28", "--importance_sampling_level", "sequence", "--loss_type", "dapo",
+              "--kl_in_reward", "--no-kl_in_loss", "--kl_estimator", "k2", "--kl_ctl", "0.01",
+              "--entropy_coeff", "0.001", "--ppo_epochs", "2"]),
+])
+def test_new_options_train_end_to_end(algo, flags, tiny_model_dir, tmp_path, capsys):
+    argv = ["--actor_model_name_or_path", tiny_model_dir, "--algo", algo, "--reward", "tests.test_critic_free:my_rule",
+            "--data_path", "synthetic:150", "--data_split", "1,1,1", "--max_prompt_seq_len", "32",
+            "--max_answer_seq_len", "8", "--min_answer_seq_len", "8", "--max_steps", "10", "--eval_prompts", "0",
+            "--actor_learning_rate", "1e-2", "--lr_scheduler_type", "constant", *flags]
+    summary = critic_free_run(argv, tmp_path / algo)
+    assert f"{algo}: built actor, reference, rules" in capsys.readouterr().err  # the KL is in the reward
+    history = summary["history"]
+    watched = {"entropy", "clipfrac/low", "clipfrac/high", "ratio/mean", "ratio/max", "kl/in_reward",
+               "logprob_mismatch/mean", "logprob_mismatch/max"}
+    assert all(watched <= set(h) for h in history), set(history[0])
+    # the first training forward runs on the experience's weights: log-probs agree up to float noise
+    assert max(h["logprob_mismatch/max"] for h in history) < 1e-4
+    rewards = [h["reward/mean"] for h in history]
+    assert all(math.isfinite(r) for r in rewards)
+    if algo == "reinforce_pp":
+        assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 1.0, rewards
