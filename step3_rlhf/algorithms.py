@@ -37,6 +37,7 @@ class Algorithm:
     min_generations: int                       # samples per prompt it needs to learn (--num_generations)
     advantages: Callable                       # (exp, cfg, group_size) -> advantages (and exp.returns set)
     loss: Callable                             # (mb, logp, cfg) -> (per-token loss [B, T], stats)
+    clipped_ratio: bool = True                 # its loss reads --cliprange(_high), --importance_sampling_level
 
     def needs_reference(self, cfg) -> bool:
         """A frozen reference model is built and scored: some KL term has a non-zero coefficient."""
@@ -114,7 +115,8 @@ ALGORITHMS = {a.name: a for a in (
               advantages=lambda exp, cfg, g: rloo_advantages(_scores(exp, cfg), g), loss=_clipped),
     Algorithm("reinforce", "critic-free, no ratio", needs_critic=False, kl_in_reward=False,
               default_loss_agg="seq-mean-token-mean", min_generations=2, advantages=_group_advantages,
-              loss=lambda mb, logp, cfg: reinforce_term(logp, mb.advantages, mb.action_mask, mb.logprobs)),
+              loss=lambda mb, logp, cfg: reinforce_term(logp, mb.advantages, mb.action_mask, mb.logprobs),
+              clipped_ratio=False),
     Algorithm("reinforce_pp", "REINFORCE++: KL in the reward, batch-whitened returns", needs_critic=False,
               kl_in_reward=True, default_loss_agg="token-mean", min_generations=1,
               advantages=_reinforce_pp_advantages, loss=_clipped),

@@ -232,6 +232,9 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
                               f"divide the {rows} sequences of a generation batch")
         self._check_accumulation(rows)
         self._check_deepspeed()
+        if not algo.clipped_ratio and (self.cliprange_high is not None or self.importance_sampling_level != "token"):
+            raise ConfigError(f"--algo {self.algo} has no importance ratio to clip: --cliprange_high and "
+                              "--importance_sampling_level would do nothing; drop them")
         self._resolve_loss_agg(algo)
 
     def _resolve_loss_agg(self, algo):

@@ -207,6 +207,9 @@ def test_flags_map_to_the_peers_names(tmp_path):
     c = cfg()
     assert c.cliprange_high is None and c.importance_sampling_level == "token" and c.entropy_coeff == 0.0
     assert kl_places(c) == (False, True, "k1", "k3")
+    with pytest.raises(ConfigError, match="--algo reinforce has no importance ratio to clip"):
+        RLHFConfig(actor_model_name_or_path=str(tmp_path), reward=["format"], algo="reinforce", num_generations=2,
+                   importance_sampling_level="sequence", output_dir=str(tmp_path / "out")).validate()
     c = RLHFConfig(actor_model_name_or_path=str(tmp_path), reward=["format"], algo="reinforce_pp",
                    output_dir=str(tmp_path / "out"))
     c.validate()  # one sample per prompt is enough: the whitening is over the batch
