@@ -4,20 +4,27 @@
 - grpo: group-normalised sequence advantages, clipped ratio, k3 KL to the reference as a loss term.
 - rloo: leave-one-out baseline, clipped ratio.
 - reinforce: group-normalised advantage, no ratio ("Reinforce-Lite"), optional KL term.
+- reinforce_pp: REINFORCE++ (OpenRLHF's advantage_estimator "reinforce", veRL's "reinforce_plus_plus"; "++" is no
+  flag-safe name): k1 KL in the per-token reward, reward-to-go whitened over the whole batch (no critic, no groups:
+  one sample per prompt is enough), clipped ratio.
 
 Adding an algorithm is one `Algorithm` entry in ALGORITHMS plus its pure loss/advantage functions in
-utils/losses.py; every decision that depends on the algorithm (engines built, reference needed, default loss
-aggregation, samples per prompt, advantages, policy loss) reads the entry, never the name.
+utils/policy_losses.py; every decision that depends on the algorithm (engines built, reference needed, default loss
+aggregation, where the KL goes, samples per prompt, advantages, policy loss) reads the entry, never the name.
+What every algorithm shares is applied here, around the entry's loss: the KL term in the loss (--kl_in_loss,
+--beta, --kl_estimator), the entropy bonus (--entropy_coeff) and the aggregation (--loss_agg).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from utils.losses import (gae_advantages_and_returns, group_advantages, grpo_loss, kl_penalized_rewards,
-                          masked_whiten, ppo_policy_loss, reinforce_loss, rloo_advantages)
+from utils.losses import masked_mean, masked_whiten
+from utils.policy_losses import (add_kl_term, aggregate_loss, clipped_surrogate, gae_advantages_and_returns,
+                                 group_advantages, kl_estimate, kl_penalized_rewards, kl_penalized_scores,
+                                 reinforce_pp_advantages, reinforce_term, rloo_advantages)
 
 
 @dataclass(frozen=True)
@@ -25,44 +32,94 @@ class Algorithm:
     name: str
     summary: str                               # one line for logs and --help
     needs_critic: bool                         # a trained value model (and its updates)
-    needs_reference: Callable                  # cfg -> bool: a frozen reference model is built and scored
+    kl_in_reward: bool                         # default place of the KL: the reward (kl_ctl) or the loss (beta)
     default_loss_agg: str                      # --loss_agg when not given
     min_generations: int                       # samples per prompt it needs to learn (--num_generations)
     advantages: Callable                       # (exp, cfg, group_size) -> advantages (and exp.returns set)
-    loss: Callable                             # (mb, logp, cfg, max_len) -> (loss, stats)
+    loss: Callable                             # (mb, logp, cfg) -> (per-token loss [B, T], stats)
+    clipped_ratio: bool = True                 # its loss reads --cliprange(_high), --importance_sampling_level
+
+    def needs_reference(self, cfg) -> bool:
+        """A frozen reference model is built and scored: some KL term has a non-zero coefficient."""
+        kl = kl_places(cfg, self)
+        return bool((kl.in_reward and cfg.kl_ctl > 0) or (kl.in_loss and cfg.beta > 0))
+
+
+class KLPlaces(NamedTuple):
+    in_reward: bool
+    in_loss: bool
+    reward_estimator: str
+    loss_estimator: str
+
+
+def kl_places(cfg, algo: Algorithm | None = None) -> KLPlaces:
+    """Where the KL to the reference goes and with which estimator: --kl_in_reward / --kl_in_loss (unset: the
+    entry's place, and the other one off), --kl_estimator (unset: k1 in the reward, k3 in the loss - today's)."""
+    algo = algo or algorithm(cfg.algo)
+    in_reward = getattr(cfg, "kl_in_reward", None)
+    in_reward = algo.kl_in_reward if in_reward is None else in_reward
+    in_loss = getattr(cfg, "kl_in_loss", None)
+    in_loss = (not algo.kl_in_reward) if in_loss is None else in_loss
+    est = getattr(cfg, "kl_estimator", "") or ""
+    return KLPlaces(bool(in_reward), bool(in_loss), est or "k1", est or "k3")
+
+
+def _token_rewards(exp, cfg):
+    """Per-token rewards: the clipped score at the last token, minus kl_ctl * kl_t when the KL is in the reward."""
+    kl = kl_places(cfg)
+    ref = exp.ref_logprobs if exp.ref_logprobs is not None else exp.logprobs
+    kl_ctl = cfg.kl_ctl if kl.in_reward else 0.0
+    return kl_penalized_rewards(exp.logprobs, ref, exp.scores, exp.action_mask, kl_ctl, cfg.clip_reward_value,
+                                kl.reward_estimator)
+
+
+def _scores(exp, cfg):
+    """Sequence scores, minus kl_ctl * the response's summed kl_t when the KL is in the reward."""
+    kl = kl_places(cfg)
+    if not (kl.in_reward and cfg.kl_ctl and exp.ref_logprobs is not None):
+        return exp.scores
+    return kl_penalized_scores(exp.scores, exp.logprobs, exp.ref_logprobs, exp.action_mask, cfg.kl_ctl,
+                               kl.reward_estimator)
 
 
 def _ppo_advantages(exp, cfg, g):
-    ref = exp.ref_logprobs if exp.ref_logprobs is not None else exp.logprobs
-    rewards = kl_penalized_rewards(exp.logprobs, ref, exp.scores, exp.action_mask, cfg.kl_ctl, cfg.clip_reward_value)
-    adv, exp.returns = gae_advantages_and_returns(rewards, exp.values, exp.action_mask, cfg.gamma, cfg.lam)
+    adv, exp.returns = gae_advantages_and_returns(_token_rewards(exp, cfg), exp.values, exp.action_mask, cfg.gamma,
+                                                  cfg.lam)
     return masked_whiten(adv, exp.action_mask) if cfg.whiten_advantages else adv
 
 
-def _clipped_group_loss(mb, logp, cfg, max_len):
-    return grpo_loss(logp, mb.logprobs, mb.ref_logprobs, mb.advantages, mb.action_mask, cfg.cliprange, cfg.beta,
-                     cfg.loss_agg, max_len=max_len)
+def _reinforce_pp_advantages(exp, cfg, g):
+    adv, exp.returns = reinforce_pp_advantages(_token_rewards(exp, cfg), exp.action_mask, cfg.gamma)
+    return adv
+
+
+def _group_advantages(exp, cfg, g):
+    return group_advantages(_scores(exp, cfg), g, scale_by_std=cfg.scale_rewards)
+
+
+def _clipped(mb, logp, cfg):
+    """The clipped surrogate of every ratio-based entry: --cliprange low, --cliprange_high (default: the low one),
+    --importance_sampling_level token or sequence (GSPO)."""
+    return clipped_surrogate(logp, mb.logprobs, mb.advantages, mb.action_mask, cfg.cliprange,
+                             getattr(cfg, "cliprange_high", None), getattr(cfg, "importance_sampling_level", "token"))
 
 
 ALGORITHMS = {a.name: a for a in (
-    Algorithm("ppo", "critic + GAE", needs_critic=True, needs_reference=lambda cfg: cfg.kl_ctl > 0,
-              default_loss_agg="token-mean", min_generations=1, advantages=_ppo_advantages,
-              loss=lambda mb, logp, cfg, max_len: ppo_policy_loss(logp, mb.logprobs, mb.advantages, mb.action_mask,
-                                                                  cfg.cliprange, cfg.loss_agg, max_len=max_len)),
-    # Dr. GRPO: --no-scale_rewards
-    Algorithm("grpo", "critic-free, group-normalised", needs_critic=False, needs_reference=lambda cfg: cfg.beta > 0,
+    Algorithm("ppo", "critic + GAE", needs_critic=True, kl_in_reward=True, default_loss_agg="token-mean",
+              min_generations=1, advantages=_ppo_advantages, loss=_clipped),
+    # Dr. GRPO: --no-scale_rewards --loss_agg seq-mean-token-sum-norm
+    Algorithm("grpo", "critic-free, group-normalised", needs_critic=False, kl_in_reward=False,
+              default_loss_agg="seq-mean-token-mean", min_generations=2, advantages=_group_advantages, loss=_clipped),
+    Algorithm("rloo", "critic-free, leave-one-out baseline", needs_critic=False, kl_in_reward=False,
               default_loss_agg="seq-mean-token-mean", min_generations=2,
-              advantages=lambda exp, cfg, g: group_advantages(exp.scores, g, scale_by_std=cfg.scale_rewards),
-              loss=_clipped_group_loss),
-    Algorithm("rloo", "critic-free, leave-one-out baseline", needs_critic=False,
-              needs_reference=lambda cfg: cfg.beta > 0, default_loss_agg="seq-mean-token-mean", min_generations=2,
-              advantages=lambda exp, cfg, g: rloo_advantages(exp.scores, g), loss=_clipped_group_loss),
-    Algorithm("reinforce", "critic-free, no ratio", needs_critic=False, needs_reference=lambda cfg: cfg.beta > 0,
-              default_loss_agg="seq-mean-token-mean", min_generations=2,
-              advantages=lambda exp, cfg, g: group_advantages(exp.scores, g, scale_by_std=cfg.scale_rewards),
-              loss=lambda mb, logp, cfg, max_len: reinforce_loss(logp, mb.advantages, mb.action_mask, cfg.loss_agg,
-                                                                 max_len=max_len, ref_logprobs=mb.ref_logprobs,
-                                                                 beta=cfg.beta)),
+              advantages=lambda exp, cfg, g: rloo_advantages(_scores(exp, cfg), g), loss=_clipped),
+    Algorithm("reinforce", "critic-free, no ratio", needs_critic=False, kl_in_reward=False,
+              default_loss_agg="seq-mean-token-mean", min_generations=2, advantages=_group_advantages,
+              loss=lambda mb, logp, cfg: reinforce_term(logp, mb.advantages, mb.action_mask, mb.logprobs),
+              clipped_ratio=False),
+    Algorithm("reinforce_pp", "REINFORCE++: KL in the reward, batch-whitened returns", needs_critic=False,
+              kl_in_reward=True, default_loss_agg="token-mean", min_generations=1,
+              advantages=_reinforce_pp_advantages, loss=_clipped),
 )}
 
 
@@ -87,7 +144,22 @@ def compute_advantages(exp, cfg, group_size=None):
         exp.advantages = algo.advantages(exp, cfg, g)
 
 
-def policy_loss(mb, logp, cfg):
-    """(loss, stats) of the actor on micro-batch `mb` given its current log-probs `logp`."""
-    max_len = max(cfg.max_answer_seq_len, mb.action_mask.shape[1])
-    return algorithm(cfg.algo).loss(mb, logp, cfg, max_len)
+def policy_loss(mb, logp, cfg, entropy=None, n_tokens=None):
+    """(loss, stats) of the actor on micro-batch `mb` given its current log-probs `logp` (and, with
+    --entropy_coeff, the entropy [B, T] of the same forward, with its graph). `n_tokens`: the step's mean tokens
+    per micro-batch for --loss_agg batch-token-mean. stats: the entry's, plus kl (the KL loss term's mean per
+    token) and kl_reward (the KL-in-reward estimate's) when that term is on."""
+    algo, mask = algorithm(cfg.algo), mb.action_mask
+    loss_mat, stats = algo.loss(mb, logp, cfg)
+    kl = kl_places(cfg, algo)
+    if kl.in_loss and cfg.beta:
+        loss_mat = add_kl_term(loss_mat, logp, mb.ref_logprobs, mask, cfg.beta, stats, kl.loss_estimator)
+    if kl.in_reward and cfg.kl_ctl and mb.ref_logprobs is not None:
+        stats["kl_reward"] = masked_mean(kl_estimate(mb.logprobs, mb.ref_logprobs, mask, kl.reward_estimator), mask)
+    coeff = getattr(cfg, "entropy_coeff", 0.0)
+    if coeff:
+        if entropy is None or not entropy.requires_grad and logp.requires_grad:
+            raise ValueError("--entropy_coeff needs the entropy of the training forward with its autograd graph")
+        loss_mat = loss_mat - coeff * entropy
+    max_len = max(cfg.max_answer_seq_len, mask.shape[1])
+    return aggregate_loss(loss_mat, mask, cfg.loss_agg, max_len, n_tokens), stats

@@ -1,5 +1,6 @@
 """Step 3 (RLHF) options: every PPO/GRPO constant is a documented flag with DeepSpeed-Chat's default."""
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -8,6 +9,7 @@ from step3_rlhf.rollout import BACKENDS as ROLLOUT_BACKENDS
 from step3_rlhf.tasks import TaskChoices, task_names, task_of_rule
 from utils.options import (ConfigError, DataOptions, DeviceOptions, LoggingOptions, RunOptions,
                            check_common, opt)
+from utils.policy_losses import IS_LEVELS, KL_ESTIMATORS, LOSS_AGGS, LOSS_TYPES
 
 ALGOS = tuple(ALGORITHMS)
 # The two trained models of PPO and what each role's help says about it (DeepSpeed-Chat's actor_*/critic_* flags).
@@ -81,7 +83,7 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
     per_device_generation_batch_size: int = opt(8, "Prompts per generation batch.", min=1)
     per_device_training_batch_size: int = opt(8, "Sequences per PPO micro-batch.", min=1)
     generation_batches: int = opt(1, "Generation batches collected before each round of PPO updates.", min=1)
-    num_generations: int = opt(1, "Samples per prompt (G); GRPO/RLOO/REINFORCE need >= 2.", min=1)
+    num_generations: int = opt(1, "Samples per prompt (G); grpo/rloo/reinforce need >= 2.", min=1)
     temperature: float = opt(1.0, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling.")
     top_k: int = opt(0, "Top-k sampling (0 = off).")
@@ -92,18 +94,46 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
     unpin_actor_parameters: bool = opt(False, "Hybrid engine: do not pin actor parameters (saves host memory).")
     # -- PPO / GRPO constants
     ppo_epochs: int = opt(1, "Passes over each round's experience.", min=1)
-    kl_ctl: float = opt(0.1, "PPO: KL penalty coefficient in the per-token reward.")
-    clip_reward_value: float = opt(5.0, "PPO: reward-model score clipped to +-this.")
-    cliprange: float = opt(0.2, "Policy ratio clip epsilon.")
     cliprange_value: float = opt(0.2, "Value clip range.")
-    gamma: float = opt(1.0, "GAE discount.")
+    gamma: float = opt(1.0, "GAE discount (ppo) and reward-to-go discount (reinforce_pp).")
     lam: float = opt(0.95, "GAE lambda.")
-    beta: float = opt(0.04, "GRPO/RLOO/REINFORCE: weight of the k3 KL-to-reference loss term (0 = no reference).")
-    scale_rewards: bool = opt(True, "GRPO/REINFORCE: divide group advantages by the group std (Dr. GRPO: off).")
-    loss_agg: str = opt("", "Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum-norm "
-                            "(Dr. GRPO). Default: token-mean for ppo, seq-mean-token-mean otherwise.",
-                        choices=["", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+    clip_reward_value: float = opt(5.0, "ppo/reinforce_pp: reward-model score clipped to +-this.")
     whiten_advantages: bool = opt(False, "PPO: whiten advantages per batch (DeepSpeed-Chat does not).")
+    # -- the policy loss of every ratio-based algorithm (ppo, grpo, rloo, reinforce_pp); TRL GRPOConfig names
+    cliprange: float = opt(0.2, "Policy ratio clip epsilon: the low side, and the high side unless "
+                                "--cliprange_high (TRL: epsilon).", min=0)
+    cliprange_high: typing.Optional[float] = opt(None, "High-side ratio clip epsilon (DAPO clip-higher, e.g. 0.28; "
+                                                       "TRL: epsilon_high). Default: --cliprange.", min=0)
+    importance_sampling_level: str = opt("token", "Importance ratio per token, or per sequence (GSPO: the "
+                                                  "length-normalised log-ratio of the response, clipped as one; "
+                                                  "GSPO uses tiny epsilons, e.g. --cliprange 3e-4 "
+                                                  "--cliprange_high 4e-4). TRL's name.",
+                                         choices=list(IS_LEVELS))
+    scale_rewards: bool = opt(True, "grpo/reinforce: divide group advantages by the group std (Dr. GRPO: off). rloo "
+                                    "never scales; ppo: --whiten_advantages; reinforce_pp always whitens over the "
+                                    "batch.")
+    loss_agg: str = opt("", "Loss aggregation: token-mean (of a micro-batch), seq-mean-token-mean, "
+                            "seq-mean-token-sum-norm (Dr. GRPO), batch-token-mean (DAPO: every token of the step "
+                            "weighs the same). Default: the algorithm's (token-mean for ppo and reinforce_pp, "
+                            "seq-mean-token-mean otherwise).", choices=["", *LOSS_AGGS])
+    loss_type: str = opt("", "TRL GRPOConfig's name for --loss_agg: bnpo = token-mean, grpo = seq-mean-token-mean, "
+                             "dr_grpo = seq-mean-token-sum-norm, dapo = batch-token-mean.",
+                         choices=["", *LOSS_TYPES])
+    # -- KL to the reference (veRL/OpenRLHF names) and the entropy bonus, for every algorithm
+    kl_ctl: float = opt(0.1, "KL coefficient in the reward (--kl_in_reward): r_t -= kl_ctl * kl_t per token "
+                             "(ppo, reinforce_pp), or the sequence score -= kl_ctl * sum_t kl_t (group algorithms).",
+                        min=0)
+    beta: float = opt(0.04, "Weight of the KL loss term (--kl_in_loss); 0 with no KL in the reward = no reference "
+                            "model.", min=0)
+    kl_in_reward: typing.Optional[bool] = opt(None, "KL penalty in the reward with --kl_ctl (veRL: "
+                                                    "use_kl_in_reward). Default: on for ppo and reinforce_pp only.")
+    kl_in_loss: typing.Optional[bool] = opt(None, "KL as a loss term with --beta (veRL: use_kl_loss). Default: on "
+                                                  "for grpo, rloo, reinforce.")
+    kl_estimator: str = opt("", "KL estimator (Schulman): k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = "
+                                "exp(ref - logp) - (ref - logp) - 1. Default: k1 in the reward, k3 in the loss.",
+                            choices=["", *KL_ESTIMATORS])
+    entropy_coeff: float = opt(0.0, "Entropy bonus: loss -= entropy_coeff * token entropy (veRL's name; 0 = off). "
+                                    "Keeps the training forward's softmax for the backward.", min=0)
     # -- per-model training options (the actor_*/critic_* pairs: RoleOptions)
     offload: bool = opt(False, "ZeRO offload of the trained engines' state to CPU.")
     offload_reference_model: bool = opt(False, "Keep the reference model's parameters on CPU (ZeRO-3 offload).")
@@ -202,6 +232,19 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
                               f"divide the {rows} sequences of a generation batch")
         self._check_accumulation(rows)
         self._check_deepspeed()
+        if not algo.clipped_ratio and (self.cliprange_high is not None or self.importance_sampling_level != "token"):
+            raise ConfigError(f"--algo {self.algo} has no importance ratio to clip: --cliprange_high and "
+                              "--importance_sampling_level would do nothing; drop them")
+        self._resolve_loss_agg(algo)
+
+    def _resolve_loss_agg(self, algo):
+        """--loss_type (TRL's name) sets --loss_agg; unset, the algorithm's default."""
+        if self.loss_type:
+            agg = LOSS_TYPES[self.loss_type]
+            if self.loss_agg and self.loss_agg != agg:
+                raise ConfigError(f"--loss_type {self.loss_type} means --loss_agg {agg}, but --loss_agg "
+                                  f"{self.loss_agg} was given; pass one of the two")
+            self.loss_agg = agg
         if not self.loss_agg:
             self.loss_agg = algo.default_loss_agg
 

@@ -56,12 +56,13 @@ def response_logits(model, sequences, attention_mask, n_response, temperature=1.
 
 
 def response_logprobs(model, sequences, attention_mask, n_response, temperature=1.0, with_entropy=False,
-                      row_chunk=None, prompt_len=None, group_size=1, length_groups=1):
+                      row_chunk=None, prompt_len=None, group_size=1, length_groups=1, entropy_grad=False):
     """log p of the R response tokens [B, R] (float32), and their entropy with `with_entropy`.
     `row_chunk`: without autograd, run at most that many rows at a time (same numbers, less memory).
     `prompt_len` + `group_size`: rows come in groups of copies of one prompt (GRPO); each prompt is then run
     once per group (shared_prefix.shared_prefix_logits) where the model allows it. `length_groups`: run the rows
-    in up to that many groups by length, each without its all-padding columns (utils.padding)."""
+    in up to that many groups by length, each without its all-padding columns (utils.padding). `entropy_grad`: the
+    entropy keeps its autograd graph (an entropy bonus; a [B, chunk, V] float32 softmax per chunk kept)."""
     from step3_rlhf.shared_prefix import shared_group, shared_prefix_logits
 
     def one(cut, mask, seq):
@@ -74,7 +75,7 @@ def response_logprobs(model, sequences, attention_mask, n_response, temperature=
             logits = response_logits(model, seq, mask, n_response, temperature)
         logp = gather_logprobs(logits, seq[:, -n_response:], chunk_size=LOGIT_CHUNK)
         if with_entropy:
-            return logp, entropy_from_logits(logits.detach(), chunk_size=LOGIT_CHUNK)
+            return logp, entropy_from_logits(logits if entropy_grad else logits.detach(), chunk_size=LOGIT_CHUNK)
         return logp
     return run_row_groups(one, attention_mask, sequences, align=group_size, max_groups=length_groups,
                           row_chunk=row_chunk)

@@ -13,7 +13,13 @@ from step3_rlhf.algorithms import policy_loss
 from step3_rlhf.engines import EMA
 from step3_rlhf.experience import Experience, response_logprobs, response_values
 from utils.guards import NonFiniteGuard
-from utils.losses import masked_mean, sft_loss, value_loss
+from utils.losses import masked_mean, sft_loss
+from utils.policy_losses import value_loss
+
+# stats of the policy loss logged every step (stats key -> log name); a name ending in /max is the step's maximum
+POLICY_STATS = {"clipfrac": "clipfrac/policy", "clipfrac_low": "clipfrac/low", "clipfrac_high": "clipfrac/high",
+                "ratio_mean": "ratio/mean", "ratio_max": "ratio/max", "approx_kl": "kl/approx_old_new",
+                "kl": "kl/in_loss", "kl_reward": "kl/in_reward"}
 
 
 class RLTrainer:
@@ -37,37 +43,60 @@ class RLTrainer:
         self.e.actor.train()
         if self.e.critic is not None:
             self.e.critic.train()
+        n_tokens = self._step_tokens(experiences)
+        self._moved = False  # the actor's weights are still those the old log-probs were taken with
         for epoch in range(cfg.ppo_epochs):
             for exp in experiences:
                 n = exp.sequences.shape[0]
                 for start in range(0, n, cfg.per_device_training_batch_size):
                     mb = exp.rows(slice(start, start + cfg.per_device_training_batch_size))
                     graph, exp.policy_graph = exp.policy_graph, None  # valid for the first update only
+                    # the kept graph's entropy is detached: an entropy bonus needs the training forward's own
                     if graph is not None and epoch == 0 and start == 0 and exp is experiences[0] \
-                            and n <= cfg.per_device_training_batch_size:
+                            and n <= cfg.per_device_training_batch_size and not getattr(cfg, "entropy_coeff", 0.0):
                         logp, ent = graph
                     else:
                         logp, ent = response_logprobs(self.e.actor, mb.sequences, mb.attention_mask,
                                                       mb.action_mask.shape[1], cfg.temperature or 1.0,
                                                       with_entropy=True, prompt_len=mb.prompt_len,
-                                                      group_size=cfg.num_generations, length_groups=cfg.length_groups)
+                                                      group_size=cfg.num_generations, length_groups=cfg.length_groups,
+                                                      entropy_grad=bool(getattr(cfg, "entropy_coeff", 0.0)))
                     del graph
-                    self._update(mb, logp, ent, step, add)
+                    self._update(mb, logp, ent, step, add, n_tokens)
                     del logp
-        return {k: sum(v) / len(v) for k, v in stats.items()}
+        return {k: (max(v) if k.endswith("/max") else sum(v) / len(v)) for k, v in stats.items()}
 
-    def _update(self, mb, logp, ent, step, add):
+    def _step_tokens(self, experiences):
+        """--loss_agg batch-token-mean: the mean response tokens of a micro-batch over this step's experience on
+        every rank (one all-reduce, made by every rank alike); None for the other aggregations."""
+        if self.cfg.loss_agg != "batch-token-mean":
+            return None
+        mbs = sum(-(-e.sequences.shape[0] // self.cfg.per_device_training_batch_size) for e in experiences)
+        t = torch.tensor([sum(float(e.action_mask.sum()) for e in experiences), float(mbs)], device=self.ctx.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        return float(t[0] / t[1].clamp(min=1))
+
+    def _update(self, mb, logp, ent, step, add, n_tokens=None):
         """One micro-batch: the actor's policy step, the critic's value step, the PTX step, the EMA."""
         cfg = self.cfg
-        loss, st = policy_loss(mb, logp, cfg)
+        if not self._moved:  # same weights as at experience time: any gap is a numerics mismatch, not learning
+            gap = (logp.detach() - mb.logprobs).abs()
+            add("logprob_mismatch/mean", masked_mean(gap, mb.action_mask))
+            add("logprob_mismatch/max", torch.where(mb.action_mask != 0, gap, torch.zeros_like(gap)).max())
+        # the entropy and the step's token count go in only when an option reads them
+        kw = {"entropy": ent} if getattr(cfg, "entropy_coeff", 0.0) else {}
+        if n_tokens is not None:
+            kw["n_tokens"] = n_tokens
+        loss, st = policy_loss(mb, logp, cfg, **kw)
         if not self.guard.check(step, {"policy loss": loss.detach()}, reset=self.e.critic is None):
             return
         applied = _step(self.e.actor, loss)
         add("loss/policy", loss)
-        add("clipfrac/policy", st.get("clipfrac", 0.0))
-        add("entropy", masked_mean(ent, mb.action_mask))
-        if "approx_kl" in st:
-            add("kl/approx_old_new", st["approx_kl"])
+        add("entropy", masked_mean(ent.detach(), mb.action_mask))
+        for key, name in POLICY_STATS.items():
+            if key in st:
+                add(name, st[key])
         if self.e.critic is not None:
             values = response_values(self.e.critic, mb.sequences, mb.attention_mask, mb.action_mask.shape[1],
                                      length_groups=cfg.length_groups)
@@ -81,6 +110,7 @@ class RLTrainer:
             ptx_loss, ptx_applied = self._ptx_step()
             add("loss/ptx", ptx_loss)
             applied = applied or ptx_applied
+        self._moved = self._moved or applied
         if self.ema is not None and applied:  # the weights moved (not inside an accumulation window)
             self.ema.update(self.e.actor)
 

@@ -1,14 +1,16 @@
-"""Tests of utils/losses.py against numbers worked out by hand (arithmetic in the comments)."""
+"""Tests of utils/losses.py and utils/policy_losses.py against numbers worked out by hand (arithmetic in the comments)."""
 import math
 
 import pytest
 import torch
 
 from utils.losses import (
-    aggregate_loss, entropy_from_logits, gae_advantages_and_returns, gather_last, gather_logprobs,
-    group_advantages, grpo_loss, kl_k3, kl_penalized_rewards, last_token_index, masked_mean,
-    masked_sum, masked_whiten, pairwise_accuracy, pairwise_reward_loss, ppo_policy_loss,
-    reinforce_loss, rloo_advantages, sft_loss, value_loss,
+    entropy_from_logits, gather_last, gather_logprobs, last_token_index, masked_mean,
+    masked_sum, masked_whiten, pairwise_accuracy, pairwise_reward_loss, sft_loss,
+)
+from utils.policy_losses import (
+    aggregate_loss, gae_advantages_and_returns, group_advantages, grpo_loss, kl_k3, kl_penalized_rewards,
+    ppo_policy_loss, reinforce_loss, rloo_advantages, value_loss,
 )
 
 

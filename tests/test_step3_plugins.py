@@ -13,25 +13,33 @@ from utils.options import ConfigError
 
 
 # ------------------------------------------------------------------ the algorithm table
-def test_table_holds_the_four_algorithms_and_their_needs():
-    assert tuple(ALGORITHMS) == ALGOS == ("ppo", "grpo", "rloo", "reinforce")
+def test_table_holds_the_algorithms_and_their_needs():
+    assert tuple(ALGORITHMS) == ALGOS == ("ppo", "grpo", "rloo", "reinforce", "reinforce_pp")
     assert [a.name for a in ALGORITHMS.values() if a.needs_critic] == ["ppo"]
     cfg = SimpleNamespace(kl_ctl=0.1, beta=0.0)
-    # PPO's reference serves the KL penalty (kl_ctl), the critic-free ones' the k3 loss term (beta)
+    # PPO's and REINFORCE++'s reference serves the KL penalty in the reward (kl_ctl), the group ones' the k3 loss
+    # term (beta)
     assert ALGORITHMS["ppo"].needs_reference(cfg) and not ALGORITHMS["grpo"].needs_reference(cfg)
+    assert ALGORITHMS["reinforce_pp"].needs_reference(cfg)
     cfg = SimpleNamespace(kl_ctl=0.0, beta=0.04)
-    assert not ALGORITHMS["ppo"].needs_reference(cfg)
+    assert not ALGORITHMS["ppo"].needs_reference(cfg) and not ALGORITHMS["reinforce_pp"].needs_reference(cfg)
     assert all(ALGORITHMS[n].needs_reference(cfg) for n in ("grpo", "rloo", "reinforce"))
-    assert ALGORITHMS["ppo"].default_loss_agg == "token-mean"
+    # the place flags move the KL (and so the need of a reference) for every algorithm
+    cfg = SimpleNamespace(kl_ctl=0.1, beta=0.0, kl_in_reward=True)
+    assert all(a.needs_reference(cfg) for a in ALGORITHMS.values())
+    cfg = SimpleNamespace(kl_ctl=0.1, beta=0.04, kl_in_reward=False, kl_in_loss=False)
+    assert not any(a.needs_reference(cfg) for a in ALGORITHMS.values())
+    assert {n for n, a in ALGORITHMS.items() if a.default_loss_agg == "token-mean"} == {"ppo", "reinforce_pp"}
     assert {ALGORITHMS[n].default_loss_agg for n in ("grpo", "rloo", "reinforce")} == {"seq-mean-token-mean"}
+    assert ALGORITHMS["reinforce_pp"].min_generations == 1
 
 
 def _toy(**kw):
     """A new algorithm as one table entry: advantages = the raw scores, loss = -A * mean logp."""
-    base = dict(name="toy", summary="test entry", needs_critic=False, needs_reference=lambda cfg: False,
+    base = dict(name="toy", summary="test entry", needs_critic=False, kl_in_reward=False,
                 default_loss_agg="token-mean", min_generations=3,
                 advantages=lambda exp, cfg, g: exp.scores * 10,
-                loss=lambda mb, logp, cfg, max_len: (-(mb.advantages[:, None] * logp).mean(), {"max_len": max_len}))
+                loss=lambda mb, logp, cfg: (-(mb.advantages[:, None] * logp), {"seen": cfg.algo}))
     base.update(kw)
     return Algorithm(**base)
 
@@ -44,9 +52,11 @@ def test_a_new_entry_is_all_it_takes(monkeypatch, tmp_path):
     # fewer samples per prompt than the entry needs (evaluation batches): zero advantages, not an error
     compute_advantages(exp, SimpleNamespace(algo="toy", num_generations=3), group_size=2)
     assert exp.advantages.tolist() == [0.0, 0.0, 0.0]
-    mb = SimpleNamespace(advantages=torch.tensor([1.0, -1.0]), action_mask=torch.ones(2, 4))
-    loss, stats = policy_loss(mb, torch.full((2, 4), -2.0), SimpleNamespace(algo="toy", max_answer_seq_len=6))
-    assert loss.item() == 0.0 and stats == {"max_len": 6}
+    mb = SimpleNamespace(advantages=torch.tensor([1.0, 3.0]), action_mask=torch.ones(2, 4))
+    toy_cfg = SimpleNamespace(algo="toy", max_answer_seq_len=6, beta=0.0, kl_ctl=0.0, loss_agg="token-mean")
+    # per-token loss -A * logp = 2 (row 0) and 6 (row 1): token mean 4; the shared code aggregates it
+    loss, stats = policy_loss(mb, torch.full((2, 4), -2.0), toy_cfg)
+    assert loss.item() == 4.0 and stats == {"seen": "toy"}
     # the config's checks and defaults read the entry too
     cfg = RLHFConfig(actor_model_name_or_path=str(tmp_path), reward=["format"], algo="toy", num_generations=2)
     with pytest.raises(ConfigError, match="--algo toy compares samples of one prompt: set --num_generations >= 3"):
@@ -64,7 +74,7 @@ def test_a_new_entry_is_all_it_takes(monkeypatch, tmp_path):
 
 
 def test_unknown_algorithm_is_one_clear_line():
-    with pytest.raises(ValueError, match="unknown --algo 'nope'; expected one of ppo, grpo, rloo, reinforce"):
+    with pytest.raises(ValueError, match="unknown --algo 'nope'; expected one of ppo, grpo, rloo, reinforce, reinforce_pp"):
         algorithms.algorithm("nope")
 
 
