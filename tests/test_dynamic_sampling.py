@@ -5,7 +5,6 @@ import datetime
 import json
 import os
 import queue
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -15,11 +14,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from step3_rlhf.config import RLHFConfig
 from step3_rlhf.dynamic_sampling import concat_experiences, dynamic_sample, kept_rows, select_rows
 from step3_rlhf.experience import Experience, response_logprobs
 from step3_rlhf.main import main as rl_main
-from utils.options import ConfigError, build_parser
+from tests.test_critic_free import _config
+from tests.test_guards import _free_port
+from utils.options import ConfigError
 
 
 def _exp(scores, P=1, R=1, seed=0):
@@ -125,7 +125,7 @@ RANK_BATCHES = {0: ([0, 1, 0, 1], [[0, 1, 0, 1]] * 3),            # full from th
                 1: ([1, 1, 1, 1], [[0, 1, 1, 1], [0, 1, 0, 1], [2, 2, 2, 2]])}  # 0, then 1, then 2 more groups
 
 
-def _on_two_ranks(rank, port, results):
+def _on_two_ranks(rank, port, results):  # rank first: mp.start_processes passes it
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     out = {}
@@ -137,27 +137,25 @@ def _on_two_ranks(rank, port, results):
             out[cap] = (src.calls, stats, len(train[0].scores) if train else 0)
     except Exception as e:  # noqa: BLE001 - reported to the parent
         out["error"] = f"{type(e).__name__}: {e}"
-    results.put((rank, out))
-    dist.destroy_process_group()
+    finally:
+        results.put((rank, out))
+        dist.destroy_process_group()
 
 
 def test_ranks_run_the_same_rounds_and_train_the_same_rows():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_on_two_ranks, args=(r, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
+    port = _free_port()
+    results = mp.get_context("spawn").Queue()
+    ranks = mp.start_processes(_on_two_ranks, args=(port, results), nprocs=2, join=False, start_method="spawn")
+    got = {}
     try:
-        got = dict(results.get(timeout=240) for _ in range(2))
+        while len(got) < 2:
+            rank, out = results.get(timeout=240)
+            got[rank] = out
     except queue.Empty:
         got = None
-    for p in procs:
+    for p in ranks.processes:
         p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
+        p.kill() if p.is_alive() else None
     assert got is not None, "a rank did not report within 240 s (hung in a collective?)"
     assert "error" not in got[0] and "error" not in got[1], got
     for rank in range(2):
@@ -171,12 +169,6 @@ def test_ranks_run_the_same_rounds_and_train_the_same_rows():
 
 
 # ---------------------------------------------------------------- config
-def _config(argv):
-    cfg = RLHFConfig(**vars(build_parser(RLHFConfig).parse_args(argv)))
-    cfg.validate()
-    return cfg
-
-
 def test_config_checks(tiny_model_dir):
     base = ["--actor_model_name_or_path", tiny_model_dir, "--reward", "format"]
     with pytest.raises(ConfigError, match="--dynamic_sampling.*--num_generations >= 2"):
