@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import queue
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,7 @@ from step3_rlhf.dynamic_sampling import concat_experiences, dynamic_sample, kept
 from step3_rlhf.experience import Experience, response_logprobs
 from step3_rlhf.main import main as rl_main
 from tests.test_critic_free import _config
+from tests.test_distributed import launch
 from tests.test_guards import _free_port
 from utils.options import ConfigError
 
@@ -241,3 +243,16 @@ def test_overlong_penalty_and_filter_end_to_end(tiny_model_dir, tmp_path):
         assert -0.5 <= h["reward/overlong"] < 0
         assert h["reward/mean"] == pytest.approx(h[f"reward/{__name__}:has_a"] + h["reward/overlong"], abs=1e-6)
         assert h["response/truncated_frac"] > 0
+
+
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
+def test_two_processes_zero3_refill_in_step(tiny_model_dir, tmp_path):
+    """The product path: 2 ranks under ZeRO-3 (every forward gathers weights), each with its own prompt shard, so
+    they keep different numbers of groups; the agreed rounds and row counts keep their collectives matched (a
+    mismatch hangs or fails the gloo run)."""
+    out = tmp_path / "ds2"
+    launch("step3_rlhf/main.py", _argv(tiny_model_dir, out, "--max_steps", "3", "--no_resume", "--dynamic_sampling",
+                                       "--max_refill_rounds", "2", "--actor_zero_stage", "3"))
+    hist = _summary(out)["history"]
+    assert len(hist) == 3 and all("dynamic_sampling/trained_groups" in h for h in hist)
+    assert sum(h["dynamic_sampling/refill_rounds"] for h in hist) > 0  # the agreed refill rounds did run
