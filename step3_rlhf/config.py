@@ -168,6 +168,28 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
                                   "logged at start. Every backend samples with --temperature/--top_p/--top_k only "
                                   "(a model's generation_config extras such as repetition_penalty are ignored).",
                                   choices=["auto", *ROLLOUT_BACKENDS])
+    # -- experience side: DAPO's dynamic sampling and overlong handling, the detectors (#14 points 2 and 4, #15.5)
+    dynamic_sampling: bool = opt(False, "DAPO dynamic sampling (veRL: algorithm.filter_groups): drop the groups of "
+                                        "--num_generations samples whose rewards are all equal (no learning signal) "
+                                        "and refill the batch with the groups of new prompts.")
+    max_refill_rounds: int = opt(3, "--dynamic_sampling: at most this many extra generation batches per step "
+                                    "(veRL: max_num_gen_batches); past it the step trains on the groups it has.",
+                                 min=0)
+    overlong_filter: bool = opt(False, "DAPO overlong filtering: a response with no EOS within "
+                                       "--max_answer_seq_len (truncated) is left out of the loss.")
+    overlong_buffer_len: int = opt(0, "DAPO soft overlong punishment (veRL: overlong_buffer.len): responses longer "
+                                      "than --max_answer_seq_len minus this many tokens get a penalty growing "
+                                      "linearly to -(--overlong_penalty_factor) at the maximum, added to the reward "
+                                      "(logged as reward/overlong). 0 = off.", min=0)
+    overlong_penalty_factor: float = opt(1.0, "Largest overlong penalty (veRL: overlong_buffer.penalty_factor).",
+                                         min=0)
+    detector_window: int = opt(10, "Reward-hacking detector: steps per window; the last window's mean reward and "
+                                   "KL are compared with the window before it (and the first with the last in the "
+                                   "end-of-run summary).", min=1)
+    detector_kl_growth: float = opt(0.025, "Reward-hacking detector: KL to the reference growing faster than this "
+                                           "many nats per step between two windows, while the reward rises, prints "
+                                           "a warning (0.025: +0.5 nats, #15's KL bar for hh PPO, in 20 steps).",
+                                    min=0)
 
     @property
     def needs_critic(self) -> bool:
@@ -231,6 +253,7 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
             raise ConfigError(f"--per_device_training_batch_size {self.per_device_training_batch_size} must "
                               f"divide the {rows} sequences of a generation batch")
         self._check_accumulation(rows)
+        self._check_experience_options()
         self._check_deepspeed()
         if not algo.clipped_ratio and (self.cliprange_high is not None or self.importance_sampling_level != "token"):
             raise ConfigError(f"--algo {self.algo} has no importance ratio to clip: --cliprange_high and "
@@ -298,3 +321,11 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
             if owner is not None and self.task != owner.name:
                 raise ConfigError(f"--reward {rule} needs --task {owner.name} (its prompts carry the answer key); "
                                   f"got --task {self.task}")
+
+    def _check_experience_options(self):
+        if self.dynamic_sampling and self.num_generations < 2:
+            raise ConfigError("--dynamic_sampling drops groups whose --num_generations samples all got the same "
+                              "reward: set --num_generations >= 2")
+        if self.overlong_buffer_len > self.max_answer_seq_len:
+            raise ConfigError(f"--overlong_buffer_len {self.overlong_buffer_len} is longer than "
+                              f"--max_answer_seq_len {self.max_answer_seq_len}")

@@ -38,6 +38,10 @@ class Experience:
     # (logp, entropy) of the experience-time actor forward with its autograd graph kept, when that forward IS
     # the first update's forward (see ExperienceMaker.make_experience); None otherwise. Never copied by rows().
     policy_graph: tuple | None = field(default=None, repr=False)
+    # [B, R] log-probs the rollout backend saw when sampling (the fast backend's; None from hf/hybrid), for the
+    # rollout/experience mismatch stat; [B] bool: no EOS within --max_answer_seq_len (experience_stats.py)
+    rollout_logprobs: torch.Tensor | None = None
+    truncated: torch.Tensor | None = None
 
     def rows(self, idx):
         """A sub-batch of rows (for micro-batching); prompt/response width stays the same."""

@@ -9,6 +9,7 @@ import torch
 from step3_rlhf.algorithms import compute_advantages
 from step3_rlhf.engines import ReferenceScope
 from step3_rlhf.experience import Experience, RewardFunction, response_logprobs, response_values
+from step3_rlhf.experience_stats import overlong_penalty, truncated_rows
 from step3_rlhf.rollout import actor_scoring_mode, build_rollout
 
 
@@ -27,11 +28,13 @@ class ExperienceMaker:
         once with the autograd graph kept gives the same numbers as the two forwards of the straightforward
         path (ratio exactly 1) for one forward less. Not with dropout (old log-probs are taken without it),
         DeepSpeed's hybrid engine (inference kernels in eval mode) or ZeRO-3 (parameters re-partitioned
-        between the phases); --no-reuse_policy_forward turns it off."""
+        between the phases); --no-reuse_policy_forward turns it off. Not with --dynamic_sampling either (the
+        trained batch is made of the kept groups of several batches)."""
         cfg = self.cfg
-        return (sample and cfg.reuse_policy_forward and cfg.ppo_epochs == 1
+        return (sample and cfg.reuse_policy_forward and cfg.ppo_epochs == 1 and not cfg.dynamic_sampling
                 and cfg.generation_batches == 1 and n_rows == cfg.per_device_training_batch_size
-                and not cfg.actor_dropout and not self.e.use_hybrid and cfg.actor_zero_stage < 3)
+                and not cfg.actor_dropout and not self.e.use_hybrid and cfg.actor_zero_stage < 3
+                and not cfg.entropy_coeff)  # the bonus needs the entropy's gradient, which the kept graph lacks
 
     def make(self, items, sample=True) -> Experience:
         """The experience of a list of prompt items (collated here)."""
@@ -50,7 +53,8 @@ class ExperienceMaker:
             prompts = [p for p in prompts for _ in range(g)]
             metas = [m for m in metas for _ in range(g)]
         with self.log.timer("time/generation"):
-            seq, action_mask = self.rollout.generate(ids, mask, group_size=g)
+            # the sampling-time log-probs (fast backend; None from hf/hybrid) only feed the mismatch stat
+            seq, action_mask, rollout_logp = self.rollout.generate(ids, mask, group_size=g, return_logprobs=True)
         with self.log.timer("time/experience"):
             P, R = ids.shape[1], seq.shape[1] - ids.shape[1]
             attn = torch.cat([mask, action_mask.long()], 1)
@@ -63,13 +67,28 @@ class ExperienceMaker:
                                               skip_special_tokens=True)
             own = isinstance(self.e.reward_fn, RewardFunction)
             scores, components = self.e.reward_fn(seq, attn, prompts, responses, metas, **(shared if own else {}))
+            scores = self._length_penalty(scores.to(dev), action_mask, components)
             # the actor last: when its forward keeps the autograd graph for the update, the other models'
             # forwards do not run (and allocate) on top of it
             logp, graph = self._policy_logprobs(seq, attn, R, shared, self.reuses_policy_forward(seq.shape[0], sample))
-            exp = Experience(seq, attn, action_mask, P, logp, ref_logp, values, scores.to(dev),
-                             responses=responses, prompts=prompts, components=components, policy_graph=graph)
+            exp = Experience(seq, attn, action_mask, P, logp, ref_logp, values, scores,
+                             responses=responses, prompts=prompts, components=components, policy_graph=graph,
+                             rollout_logprobs=rollout_logp, truncated=truncated_rows(seq[:, P:], action_mask,
+                                                                                     self.rollout.eos))
             compute_advantages(exp, cfg, group_size=g)
+            if sample and cfg.overlong_filter:  # DAPO: a truncated answer's loss is masked out (not its reward)
+                exp.action_mask = exp.action_mask * (~exp.truncated).to(exp.action_mask.dtype)[:, None]
         return exp
+
+    def _length_penalty(self, scores, action_mask, components):
+        """scores + DAPO's soft overlong penalty (--overlong_buffer_len > 0), logged as reward/overlong."""
+        cfg = self.cfg
+        if not cfg.overlong_buffer_len:
+            return scores
+        penalty = overlong_penalty(action_mask.sum(1).cpu(), cfg.max_answer_seq_len, cfg.overlong_buffer_len,
+                                   cfg.overlong_penalty_factor)
+        components["reward/overlong"] = penalty
+        return scores + penalty.to(scores.device, scores.dtype)
 
     def _frozen_scores(self, seq, attn, action_mask, R, shared):
         """(reference log-probs or None, critic values or None) of the sampled rows."""
@@ -94,18 +113,3 @@ class ExperienceMaker:
         actor_scoring_mode(self.e.actor)  # engine.train() (training forwards, never the hybrid kernels) + no dropout
         return response_logprobs(self.e.actor, seq, attn, R, temperature, **shared), None
 
-
-def experience_stats(exps: list[Experience]) -> dict:
-    """Reward, response length and KL-to-reference figures of one step's experience (floats, for the log)."""
-    scores = torch.cat([e.scores for e in exps]).float()
-    lengths = torch.cat([e.action_mask.sum(1) for e in exps])
-    out = {"reward/mean": scores.mean(), "reward/std": scores.std() if len(scores) > 1 else 0.0,
-           "reward/abs_max": scores.abs().max(),
-           "response/length": lengths.mean(), "response/length_max": lengths.max(),
-           "response/empty_frac": (lengths == 0).float().mean()}
-    if exps[0].ref_logprobs is not None:
-        kl = torch.cat([((e.logprobs - e.ref_logprobs) * e.action_mask).sum(1) for e in exps])
-        out["kl/mean"] = kl.mean()
-    for k in exps[0].components:
-        out[k] = torch.cat([e.components[k].float().cpu() for e in exps]).mean()
-    return {k: float(v) for k, v in out.items()}

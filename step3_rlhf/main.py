@@ -19,7 +19,7 @@ import math  # noqa: E402
 
 from step3_rlhf.config import RLHFConfig  # noqa: E402
 from step3_rlhf.engines import build_engines  # noqa: E402
-from step3_rlhf.evaluate import evaluate_policy  # noqa: E402
+from step3_rlhf.evaluate import evaluate_policy, run_summary, summary_lines  # noqa: E402
 from step3_rlhf.experience_maker import ExperienceMaker  # noqa: E402
 from step3_rlhf.prompt_data import collate_prompts, load_prompts, ptx_batches  # noqa: E402
 from step3_rlhf.loop import fit  # noqa: E402
@@ -86,11 +86,14 @@ def main(argv=None):
     if trainer.ema is not None:
         save_hf_state(unwrap(engines.actor), trainer.ema.shadow, tokenizer, os.path.join(cfg.output_dir, "actor_ema"),
                       ctx.rank, dtype=ctx.dtype)
+    detectors = run_summary(history, before, after, cfg.detector_window, cfg.detector_kl_growth)
     summary = {"stage": cfg.stage_name, "algo": cfg.algo, "steps": len(history), "history": history,
-               "before": before, "after": after, "wall_seconds": ctx.log.elapsed()}
+               "before": before, "after": after, "detectors": detectors, "wall_seconds": ctx.log.elapsed()}
     ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before and after and ctx.rank == 0:
         print(before_after_table(before, after), flush=True)
+    for line in summary_lines(detectors):
+        ctx.log.info(line)
     ctx.log.info(f"saved actor{'/critic' if engines.critic is not None else ''}"
                  f"{'/actor_ema' if trainer.ema is not None else ''} (HF format) under {cfg.output_dir}")
     ctx.log.close()

@@ -82,8 +82,8 @@ class RLTrainer:
         cfg = self.cfg
         if not self._moved:  # same weights as at experience time: any gap is a numerics mismatch, not learning
             gap = (logp.detach() - mb.logprobs).abs()
-            add("logprob_mismatch/mean", masked_mean(gap, mb.action_mask))
-            add("logprob_mismatch/max", torch.where(mb.action_mask != 0, gap, torch.zeros_like(gap)).max())
+            add("logprob_mismatch/train_mean", masked_mean(gap, mb.action_mask))
+            add("logprob_mismatch/train_max", torch.where(mb.action_mask != 0, gap, torch.zeros_like(gap)).max())
         # the entropy and the step's token count go in only when an option reads them
         kw = {"entropy": ent} if getattr(cfg, "entropy_coeff", 0.0) else {}
         if n_tokens is not None:

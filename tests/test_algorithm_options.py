@@ -247,8 +247,8 @@ def test_trainer_logs_the_update_side_statistics():
     engines = SimpleNamespace(actor=_FakeActor(), critic=None)
     trainer = RLTrainer(cfg, engines, SimpleNamespace(log=None, device="cpu"))
     stats = trainer.train_on([exp], step=1)
-    assert stats["logprob_mismatch/mean"] == pytest.approx(0.4 / 5)
-    assert stats["logprob_mismatch/max"] == pytest.approx(0.3)
+    assert stats["logprob_mismatch/train_mean"] == pytest.approx(0.4 / 5)
+    assert stats["logprob_mismatch/train_max"] == pytest.approx(0.3)
     assert stats["ratio/max"] == pytest.approx(math.exp(0.1))
     assert stats["clipfrac/low"] == 0.0 and stats["clipfrac/high"] == 0.0 and stats["entropy"] == 1.0
     assert logp.grad is not None  # the update went through the kept graph
@@ -273,10 +273,10 @@ def test_new_options_train_end_to_end(algo, flags, tiny_model_dir, tmp_path, cap
     assert f"{algo}: built actor, reference, rules" in capsys.readouterr().err  # the KL is in the reward
     history = summary["history"]
     watched = {"entropy", "clipfrac/low", "clipfrac/high", "ratio/mean", "ratio/max", "kl/in_reward",
-               "logprob_mismatch/mean", "logprob_mismatch/max"}
+               "logprob_mismatch/train_mean", "logprob_mismatch/train_max"}
     assert all(watched <= set(h) for h in history), set(history[0])
     # the first training forward runs on the experience's weights: log-probs agree up to float noise
-    assert max(h["logprob_mismatch/max"] for h in history) < 1e-4
+    assert max(h["logprob_mismatch/train_max"] for h in history) < 1e-4
     rewards = [h["reward/mean"] for h in history]
     assert all(math.isfinite(r) for r in rewards)
     if algo == "reinforce_pp":
