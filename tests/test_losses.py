@@ -7,7 +7,7 @@ import torch
 from utils.losses import (
     aggregate_loss, entropy_from_logits, gae_advantages_and_returns, gather_last, gather_logprobs,
     group_advantages, grpo_loss, kl_k3, kl_penalized_rewards, last_token_index, masked_mean,
-    masked_sum, masked_whiten, pairwise_accuracy, pairwise_reward_loss, ppo_policy_loss,
+    masked_sum, masked_whiten, ppo_policy_loss,
     reinforce_loss, rloo_advantages, sft_loss, value_loss,
 )
 
@@ -121,18 +121,6 @@ def test_sft_loss_uniform_and_masked():
     # nothing to predict -> 0, not nan
     loss, n = sft_loss(logits, torch.full((2, 4), -100))
     assert int(n) == 0 and close(loss, 0.0)
-
-
-# ----------------------------------------------------------------------------- reward model
-def test_pairwise_loss_and_accuracy():
-    c, r = torch.tensor([1.0]), torch.tensor([0.0])
-    # -log sigmoid(1) = log(1 + e^-1) = 0.3132617
-    assert close(pairwise_reward_loss(c, r), math.log(1 + math.exp(-1)))
-    # centering adds 0.1 * (1 + 0)^2
-    assert close(pairwise_reward_loss(c, r, center_coef=0.1), math.log(1 + math.exp(-1)) + 0.1)
-    # pairs: 1 > 0 right, tie wrong, 2 < 3 wrong -> 1/3
-    acc = pairwise_accuracy(torch.tensor([1.0, 0.5, 2.0]), torch.tensor([0.0, 0.5, 3.0]))
-    assert close(acc, 1 / 3)
 
 
 # ----------------------------------------------------------------------------- KL-shaped rewards
