@@ -31,7 +31,7 @@ from utils.options import parse_config  # noqa: E402
 from utils.plan import dry_run  # noqa: E402
 from utils.preference_losses import dpo_loss, pairwise_outcomes, sequence_logprobs  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
-from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
+from utils.train_loop import steps_per_epoch, train  # noqa: E402
 
 
 def collate_dpo(batch, pad_id):
@@ -73,12 +73,14 @@ def dpo_step(policy, reference, batch, cfg):
 
 
 def eval_batches(n, batch_size):
-    """This rank's eval batches, topped up with None to rank 0's count (it has the most): at ZeRO-3 every
-    forward gathers weights collectively, so every rank must run as many forwards."""
+    """This rank's eval batches (strided indices), topped up with None to rank 0's count (it has the most): at
+    ZeRO-3 every forward gathers weights collectively, so every rank must run as many forwards (a rank with one
+    batch fewer leaves the others waiting forever; tests/test_dpo.py runs that case)."""
     import torch.distributed as dist
-    mine = rank_batches(n, batch_size)
+    mine = list(range(dist.get_rank(), n, dist.get_world_size()))
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
     most = math.ceil(math.ceil(n / dist.get_world_size()) / batch_size)
-    return mine + [None] * (most - len(mine))
+    return batches + [None] * (most - len(batches))
 
 
 @torch.no_grad()

@@ -2,8 +2,10 @@
 margin the right way, the saved model loads as a plain causal LM with the trainer's logits, TensorBoard gets the
 reward scalars, IPO / cDPO / reference-free runs train, bad options are refused with one line, --dry_run plans,
 and a run killed with -9 resumes to the same weights as an uninterrupted one."""
+import json
 import math
 import os
+import shutil
 import signal
 import sys
 
@@ -158,3 +160,20 @@ def test_sigkill_then_resume_gives_the_same_weights(tiny_model_dir, tmp_path_fac
     code, log = run(cmd(out))
     assert code == 0 and "resuming from" in log, log[-3000:]
     assert max_diff([str(d / "ref" / "model.safetensors")], [str(out / "model.safetensors")]) <= 1e-6
+
+
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="the deepspeed launcher is not on PATH")
+def test_two_processes_zero3_with_uneven_eval_shares(tiny_model_dir, pairs, tmp_path):
+    """9 eval pairs in batches of 4: rank 0 has 2 batches, rank 1 one. At ZeRO-3 every forward (policy and
+    reference) gathers weights collectively, so rank 1 must run a top-up batch or the ranks would hang."""
+    from tests.test_distributed import launch
+    out = tmp_path / "dpo2"
+    argv = dpo_argv(tiny_model_dir, pairs, str(out), "--zero_stage", "3", "--max_eval_samples", "9",
+                    "--per_device_eval_batch_size", "4")
+    argv[argv.index("--max_steps") + 1] = "2"
+    launch("step2_dpo/main.py", argv, timeout=240)
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["steps"] == 2 and summary["eval_pairs"] == 9
+    assert summary["before"]["eval/tie_fraction"] == 1.0  # all 9 pairs gathered, policy == reference
+    AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
