@@ -8,7 +8,7 @@ mkdir -p "$OUTPUT"
 deepspeed "$REPO/step2_dpo/main.py" \
   --model_name_or_path "$ACTOR" \
   --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
-  --data_split 2,4,4 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 --max_seq_len 512 \
+  --data_split 2,4,4 --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --max_seq_len 512 \
   --learning_rate 5e-6 --weight_decay 0.1 --num_train_epochs 1 --disable_dropout --gradient_accumulation_steps 1 \
   --lr_scheduler_type cosine --num_warmup_steps 0 --seed 1234 --beta 0.1 --loss_type sigmoid \
   --zero_stage "$ZERO_STAGE" --dtype auto --enable_tensorboard --save_interval 500 \
