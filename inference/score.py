@@ -22,7 +22,7 @@ from inference.common import (TRUNCATION_RULE, effective_max_len, encode_replies
                               quiet_transformers, score_items, score_sequences)
 from utils.data.readers import parse_json_line, read_rows
 from utils.data.rows import DataError, check_text, prompt_messages
-from utils.losses import pair_credit, pairwise_outcomes
+from utils.preference_losses import pair_credit, pairwise_outcomes
 from utils.models import ModelLoadError
 from utils.options import ConfigError, check_fields, opt, parse_config
 

@@ -22,11 +22,11 @@ import torch  # noqa: E402
 from step2_reward_model.config import RewardConfig  # noqa: E402
 from utils.data.pipeline import pair_datasets  # noqa: E402
 from utils.engine import build_train_engine  # noqa: E402
-from utils.losses import (gather_last, last_token_index, pairwise_accuracy, pairwise_outcomes,  # noqa: E402
-                          pairwise_reward_loss)
+from utils.losses import gather_last, last_token_index  # noqa: E402
 from utils.models import TokenValues, load_tokenizer, load_value_model, save_hf_model, value_head  # noqa: E402
 from utils.options import ConfigError, parse_config  # noqa: E402
 from utils.phase import set_phase  # noqa: E402
+from utils.preference_losses import pairwise_accuracy, pairwise_outcomes, pairwise_reward_loss  # noqa: E402
 from utils.plan import dry_run, supervised_plan  # noqa: E402
 from utils.stage import run_main, start_stage  # noqa: E402
 from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
@@ -85,7 +85,7 @@ def pair_scores(engine, batch, chunk=0, score_offset=0):
 def reward_step(engine, batch, center_coef, chunk=0, score_offset=0):
     chosen, rejected = pair_scores(engine, batch, chunk, score_offset)
     loss = pairwise_reward_loss(chosen, rejected, center_coef)
-    accuracy = pairwise_accuracy(chosen, rejected) + 0.5 * (chosen == rejected).float().mean()  # a tie counts half
+    accuracy = pairwise_accuracy(chosen, rejected, tie=0.5)  # a tie counts half
     return loss, {"train/loss": loss.detach(), "train/accuracy": accuracy,
                   "train/chosen_score": chosen.mean().detach(), "train/rejected_score": rejected.mean().detach()}
 

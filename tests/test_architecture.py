@@ -6,7 +6,7 @@ import os
 import re
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("step1_sft", "step2_reward_model", "step3_rlhf")
+STAGES = ("step1_sft", "step2_reward_model", "step2_dpo", "step3_rlhf")
 STEP3_TRAINING = ("step3_rlhf.trainer", "step3_rlhf.loop", "step3_rlhf.experience_maker", "step3_rlhf.engines")
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
 
@@ -39,7 +39,7 @@ def test_inference_imports_no_step3_training_module():
     assert not bad, f"inference/ must not import step-3 training modules: {bad}"
 
 
-PRODUCT = ("utils", "inference", "step1_sft", "step2_reward_model", "step3_rlhf")
+PRODUCT = ("utils", "inference", "step1_sft", "step2_reward_model", "step2_dpo", "step3_rlhf")
 
 
 def test_modules_stay_small():

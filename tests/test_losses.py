@@ -1,4 +1,5 @@
-"""Tests of utils/losses.py and utils/policy_losses.py against numbers worked out by hand (arithmetic in the comments)."""
+"""Tests of utils/losses.py and utils/policy_losses.py against numbers worked out by hand (arithmetic in the
+comments)."""
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from utils.losses import (
     entropy_from_logits, gather_last, gather_logprobs, last_token_index, masked_mean,
-    masked_sum, masked_whiten, pairwise_accuracy, pairwise_reward_loss, sft_loss,
+    masked_sum, masked_whiten, sft_loss,
 )
 from utils.policy_losses import (
     aggregate_loss, gae_advantages_and_returns, group_advantages, grpo_loss, kl_k3, kl_penalized_rewards,
@@ -123,18 +124,6 @@ def test_sft_loss_uniform_and_masked():
     # nothing to predict -> 0, not nan
     loss, n = sft_loss(logits, torch.full((2, 4), -100))
     assert int(n) == 0 and close(loss, 0.0)
-
-
-# ----------------------------------------------------------------------------- reward model
-def test_pairwise_loss_and_accuracy():
-    c, r = torch.tensor([1.0]), torch.tensor([0.0])
-    # -log sigmoid(1) = log(1 + e^-1) = 0.3132617
-    assert close(pairwise_reward_loss(c, r), math.log(1 + math.exp(-1)))
-    # centering adds 0.1 * (1 + 0)^2
-    assert close(pairwise_reward_loss(c, r, center_coef=0.1), math.log(1 + math.exp(-1)) + 0.1)
-    # pairs: 1 > 0 right, tie wrong, 2 < 3 wrong -> 1/3
-    acc = pairwise_accuracy(torch.tensor([1.0, 0.5, 2.0]), torch.tensor([0.0, 0.5, 3.0]))
-    assert close(acc, 1 / 3)
 
 
 # ----------------------------------------------------------------------------- KL-shaped rewards

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from step1_sft.config import SFTConfig
+from step2_dpo.config import DPOConfig
 from step2_reward_model.config import RewardConfig
 from step3_rlhf.config import RLHFConfig
 from tests.conftest import REPO
@@ -17,7 +18,7 @@ from utils.options import parse_config
 
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "step*", "training_scripts", "**", "*.sh"), recursive=True))
 CONFIGS = {"step1_sft/main.py": SFTConfig, "step2_reward_model/main.py": RewardConfig,
-           "step3_rlhf/main.py": RLHFConfig}
+           "step2_dpo/main.py": DPOConfig, "step3_rlhf/main.py": RLHFConfig}
 NOT_A_STAGE = {"step3_rlhf/warm_start.py"}  # data preparation a recipe runs first; it trains nothing
 
 SHIM = """#!/usr/bin/env bash
@@ -53,7 +54,7 @@ def captured_launches(script, tmp_path, extra_args=()):
 
 def test_every_stage_has_presets():
     names = {os.path.relpath(s, REPO).split(os.sep)[0] for s in SCRIPTS}
-    assert names == {"step1_sft", "step2_reward_model", "step3_rlhf"}
+    assert names == {"step1_sft", "step2_reward_model", "step2_dpo", "step3_rlhf"}
     assert any("recipes" in s for s in SCRIPTS)
 
 

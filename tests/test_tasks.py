@@ -181,7 +181,7 @@ def test_countdown_huge_responses_are_bounded(response):
     countdown_reward(response, 62, [95, 37, 4])
     format_reward(response)
     gsm8k_reward(response, "62")
-    assert time.perf_counter() - start < 1.0  # linear scans only: under 0.2 s per MB when idle
+    assert time.perf_counter() - start < 5.0  # linear scans only (0.2 s per MB when idle); a blow-up takes minutes
 
 
 def test_safe_eval_caps_and_switches():
@@ -196,7 +196,7 @@ def test_safe_eval_caps_and_switches():
     for expr in ("1" * 1_000_000, "1+" * 500_000 + "1", "(" * 500_000):
         with pytest.raises(UnsafeExpression, match="longer than 200"):  # refused before parsing
             safe_eval(expr)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 5.0  # bounded work, not a speed target
 
 
 # ---------------------------------------------------------------- GSM8K exploits

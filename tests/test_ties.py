@@ -2,7 +2,7 @@
 
 
 def test_ties_count_half_with_hand_made_scores():
-    from utils.losses import pairwise_outcomes
+    from utils.preference_losses import pairwise_outcomes
     # a zero head: every pair ties -> 0.5, not 0.0
     assert pairwise_outcomes([0.0] * 4, [0.0] * 4) == {"accuracy": 0.5, "accuracy_strict": 0.0, "tie_fraction": 1.0}
     # right, tie, wrong, right -> (1 + 0.5 + 0 + 1) / 4

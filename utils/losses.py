@@ -7,9 +7,9 @@ Masked positions may hold arbitrary (finite) garbage; no result below depends on
 a log-ratio is zeroed at masked positions before it is exponentiated (a gap of 1e4 after EOS would otherwise
 give exp = inf there and 0 * inf = nan in the backward, even though the forward masks it out).
 Stats dicts hold detached 0-dim tensors (no .item(), so no device sync inside the loss).
+The losses on preference pairs (the pairwise reward model, DPO) are in utils/preference_losses.py.
 """
 import torch
-import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- masked reductions
@@ -112,7 +112,7 @@ def gather_last(values, attention_mask):
     return values.gather(-1, idx).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------- step 1 / step 2
+# ----------------------------------------------------------------------------- step 1
 def sft_loss(logits, labels, ignore_index=-100):
     """Mean NLL over non-ignored targets with the causal shift: logits[:, t] predicts labels[:, t + 1].
 
@@ -126,33 +126,3 @@ def sft_loss(logits, labels, ignore_index=-100):
     return -masked_sum(logp, valid) / n_tokens.clamp(min=1), n_tokens
 
 
-def pairwise_reward_loss(chosen_scores, rejected_scores, center_coef=0.0):
-    """Bradley-Terry loss mean(-log sigmoid(c - r)) + center_coef * mean((c + r)^2).
-
-    The centering term only penalises c + r, so the preference margin is untouched while scores
-    are kept near 0 (reward models are otherwise free to drift by any constant).
-    """
-    loss = -F.logsigmoid(chosen_scores - rejected_scores).mean()
-    if center_coef:
-        loss = loss + center_coef * ((chosen_scores + rejected_scores) ** 2).mean()
-    return loss
-
-
-def pairwise_accuracy(chosen_scores, rejected_scores):
-    """Fraction of pairs with chosen strictly above rejected (a tie counts as wrong)."""
-    return (chosen_scores > rejected_scores).float().mean()
-
-
-def pair_credit(chosen: float, rejected: float) -> float:
-    """One pair's share of the accuracy: 1 when chosen scores higher, 0.5 for a tie, 0 otherwise. A tie is
-    not a wrong answer (a zero-initialised head ties every pair), so it counts half."""
-    return 1.0 if chosen > rejected else (0.5 if chosen == rejected else 0.0)
-
-
-def pairwise_outcomes(chosen, rejected) -> dict:
-    """accuracy (a tie counts half), accuracy_strict (a tie counts wrong: DeepSpeed-Chat's), tie_fraction."""
-    n = max(len(chosen), 1)
-    ties = sum(float(c) == float(r) for c, r in zip(chosen, rejected))
-    return {"accuracy": sum(pair_credit(float(c), float(r)) for c, r in zip(chosen, rejected)) / n,
-            "accuracy_strict": sum(float(c) > float(r) for c, r in zip(chosen, rejected)) / n,
-            "tie_fraction": ties / n}

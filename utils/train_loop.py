@@ -109,29 +109,15 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
             if not guard.check(step + 1, {"loss": loss.detach()}, reset=False):  # a run of bad updates ends
                 continue                                                         # with an update (below)
             boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(loss)
-            if boundary and not gradients_finite(engine):
-                guard.check(step + 1, {"gradient": float("nan")})
-                engine.zero_grad()
+            if not _backward_and_step(engine, loss, guard, step + 1, boundary, count_ds_skips):
                 continue
-            skipped_before = engine.skipped_steps
-            engine.step()
-            if boundary:  # DeepSpeed's own skips count as bad updates (not fp16 overflows: the scaler's)
-                ds_skipped = count_ds_skips and engine.skipped_steps > skipped_before
-                guard.check(step + 1, {"gradient": float("nan") if ds_skipped else 0.0})
             for k, v in m.items():
                 window.setdefault(k, []).append(float(v))
             if not boundary:
                 continue
             step += 1
-            logged = {k: sum(v) / len(v) for k, v in window.items()}
+            _log_step(log, bar, engine, window, epoch, step)
             window = {}
-            logged["train/lr"] = engine.get_lr()[0]
-            log.scalars(logged, step)
-            if log.print_loss and "train/loss" in logged:
-                log.info(f"epoch {epoch} step {step} loss {logged['train/loss']:.4f}")
-            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logged.items() if k != "train/lr"})
-            bar.update(1)
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total:
                 set_phase(f"{stage_name} evaluation after step {step}")
                 metrics = eval_fn()
@@ -154,3 +140,31 @@ def train(cfg, engine, dataset, collate, loss_fn, eval_fn, log, rank, world_size
     metrics = eval_fn()
     log.scalars(metrics, step)
     return metrics, step
+
+
+def _backward_and_step(engine, loss, guard, step, boundary, count_ds_skips) -> bool:
+    """Backward and DeepSpeed's step of one micro-batch; False when a non-finite accumulated gradient (ZeRO 0)
+    dropped the window. At a boundary the guard counts DeepSpeed's own skipped steps as bad updates (not fp16
+    overflows: those are its loss scaler's) and resets after a completed one."""
+    engine.backward(loss)
+    if boundary and not gradients_finite(engine):
+        guard.check(step, {"gradient": float("nan")})
+        engine.zero_grad()
+        return False
+    skipped_before = engine.skipped_steps
+    engine.step()
+    if boundary:
+        ds_skipped = count_ds_skips and engine.skipped_steps > skipped_before
+        guard.check(step, {"gradient": float("nan") if ds_skipped else 0.0})
+    return True
+
+
+def _log_step(log, bar, engine, window, epoch, step):
+    """The means of a finished optimizer step's micro-batch metrics and the LR: TensorBoard, console, bar."""
+    logged = {k: sum(v) / len(v) for k, v in window.items()}
+    logged["train/lr"] = engine.get_lr()[0]
+    log.scalars(logged, step)
+    if log.print_loss and "train/loss" in logged:
+        log.info(f"epoch {epoch} step {step} loss {logged['train/loss']:.4f}")
+    bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logged.items() if k != "train/lr"})
+    bar.update(1)
