@@ -19,13 +19,13 @@ import torch  # noqa: E402
 
 from step1_sft.config import SFTConfig  # noqa: E402
 from utils.data.pipeline import sft_datasets  # noqa: E402
-from utils.engine import build_train_engine  # noqa: E402
+from utils.engine import build_supervised_engine  # noqa: E402
 from utils.losses import sft_loss  # noqa: E402
 from utils.models import gathered_state_dict, load_causal_lm, load_tokenizer, save_hf_model  # noqa: E402
 from utils.options import parse_config  # noqa: E402
 from utils.phase import set_phase  # noqa: E402
 from utils.plan import dry_run  # noqa: E402
-from utils.stage import run_main, start_stage  # noqa: E402
+from utils.stage import finish_stage, run_main, start_stage  # noqa: E402
 from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
 
 
@@ -83,12 +83,7 @@ def main(argv=None):
                            fused_layers=cfg.fused_layers)
     total = cfg.max_steps or cfg.num_train_epochs * steps_per_epoch(
         len(train_set), cfg.per_device_train_batch_size, ctx.world_size, cfg.gradient_accumulation_steps)
-    engine = build_train_engine(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, total_steps=total,
-                                warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type,
-                                micro_batch=cfg.per_device_train_batch_size, grad_accum=cfg.gradient_accumulation_steps,
-                                world_size=ctx.world_size, zero_stage=cfg.zero_stage, offload=cfg.offload,
-                                dtype=ctx.dtype, grad_clip=cfg.grad_clip,
-                                lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
+    engine = build_supervised_engine(model, cfg, ctx, total)
     ev = lambda: evaluate(engine, eval_set, collate, cfg.per_device_eval_batch_size, ctx.device)  # noqa: E731
     set_phase("evaluation before training")
     before = ev() if cfg.compare_before else {}
@@ -106,12 +101,9 @@ def main(argv=None):
     summary = {"stage": cfg.stage_name, "steps": steps, "before": before, "after": after,
                "train_sequences": len(train_set), "eval_sequences": len(eval_set),
                "wall_seconds": ctx.log.elapsed()}
-    ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
-    if before:
-        ctx.log.info(f"eval loss {before['eval/loss']:.4f} -> {after['eval/loss']:.4f} "
-                     f"(perplexity {before['eval/perplexity']:.2f} -> {after['eval/perplexity']:.2f})")
-    ctx.log.info(f"saved the fine-tuned model (HF format) to {cfg.output_dir}")
-    ctx.log.close()
+    change = [f"eval loss {before['eval/loss']:.4f} -> {after['eval/loss']:.4f} (perplexity "
+              f"{before['eval/perplexity']:.2f} -> {after['eval/perplexity']:.2f})"] if before else []
+    finish_stage(ctx, cfg, summary, change + [f"saved the fine-tuned model (HF format) to {cfg.output_dir}"])
 
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ from step2_dpo.config import DPOConfig  # noqa: E402
 from step2_dpo.plan import dpo_plan  # noqa: E402
 from utils.data.datasets import collate_pairs  # noqa: E402
 from utils.data.pipeline import pair_datasets  # noqa: E402
-from utils.engine import build_frozen_engine, build_train_engine  # noqa: E402
+from utils.engine import build_frozen_engine, build_supervised_engine  # noqa: E402
 from utils.models import load_causal_lm, load_tokenizer, save_hf_model  # noqa: E402
 from utils.options import parse_config  # noqa: E402
 from utils.plan import dry_run  # noqa: E402
 from utils.preference_losses import dpo_loss, pairwise_outcomes, sequence_logprobs  # noqa: E402
-from utils.stage import run_main, start_stage  # noqa: E402
+from utils.stage import finish_stage, run_main, start_stage  # noqa: E402
 from utils.train_loop import steps_per_epoch, train  # noqa: E402
 
 
@@ -129,12 +129,7 @@ def build_models(cfg, ctx, total):
                            gradient_checkpointing=cfg.gradient_checkpointing, lora_dim=cfg.lora_dim,
                            lora_alpha=cfg.lora_alpha, lora_module_name=cfg.lora_module_name,
                            lora_only=cfg.only_optimize_lora, **common)
-    policy = build_train_engine(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, total_steps=total,
-                                warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type,
-                                micro_batch=cfg.per_device_train_batch_size, grad_accum=cfg.gradient_accumulation_steps,
-                                world_size=ctx.world_size, zero_stage=cfg.zero_stage, offload=cfg.offload,
-                                dtype=ctx.dtype, grad_clip=cfg.grad_clip,
-                                lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None)
+    policy = build_supervised_engine(model, cfg, ctx, total)
     if cfg.reference_free:
         return policy, None
     ref = load_causal_lm(cfg.model_name_or_path, disable_dropout=True, **common)
@@ -181,13 +176,12 @@ def main(argv=None):
     summary = {"stage": cfg.stage_name, "steps": steps, "before": before, "after": after,
                "train_pairs": len(train_set), "eval_pairs": len(eval_set), "train_seconds": round(train_seconds, 1),
                "wall_seconds": ctx.log.elapsed()}
-    ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
-    if before and after:
-        ctx.log.info(f"implicit-reward accuracy on {len(eval_set)} held-out pairs {before['eval/accuracy']:.3f} -> "
-                     f"{after['eval/accuracy']:.3f} (a tie counts half), margin {before['eval/margin']:.3f} -> "
-                     f"{after['eval/margin']:.3f}, DPO loss {before['eval/loss']:.4f} -> {after['eval/loss']:.4f}")
-    ctx.log.info(f"saved the DPO-trained model (AutoModelForCausalLM, HF format) to {cfg.output_dir}")
-    ctx.log.close()
+    change = [f"implicit-reward accuracy on {len(eval_set)} held-out pairs {before['eval/accuracy']:.3f} -> "
+              f"{after['eval/accuracy']:.3f} (a tie counts half), margin {before['eval/margin']:.3f} -> "
+              f"{after['eval/margin']:.3f}, DPO loss {before['eval/loss']:.4f} -> {after['eval/loss']:.4f}"] \
+        if before and after else []
+    finish_stage(ctx, cfg, summary, change + [f"saved the DPO-trained model (AutoModelForCausalLM, HF format) to "
+                                              f"{cfg.output_dir}"])
 
 
 if __name__ == "__main__":

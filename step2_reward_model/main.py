@@ -21,14 +21,14 @@ import torch  # noqa: E402
 
 from step2_reward_model.config import RewardConfig  # noqa: E402
 from utils.data.pipeline import pair_datasets  # noqa: E402
-from utils.engine import build_train_engine  # noqa: E402
+from utils.engine import build_supervised_engine  # noqa: E402
 from utils.losses import gather_last, last_token_index  # noqa: E402
 from utils.models import TokenValues, load_tokenizer, load_value_model, save_hf_model, value_head  # noqa: E402
 from utils.options import ConfigError, parse_config  # noqa: E402
 from utils.phase import set_phase  # noqa: E402
 from utils.preference_losses import pairwise_accuracy, pairwise_outcomes, pairwise_reward_loss  # noqa: E402
 from utils.plan import dry_run, supervised_plan  # noqa: E402
-from utils.stage import run_main, start_stage  # noqa: E402
+from utils.stage import finish_stage, run_main, start_stage  # noqa: E402
 from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
 
 
@@ -145,14 +145,9 @@ def main(argv=None):
     freeze_lower_layers(model, cfg.num_frozen_layers)
     total = cfg.max_steps or cfg.num_train_epochs * steps_per_epoch(
         len(train_set), cfg.per_device_train_batch_size, ctx.world_size, cfg.gradient_accumulation_steps)
-    engine = build_train_engine(TokenValues(model), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                total_steps=total, warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type,
-                                micro_batch=cfg.per_device_train_batch_size, grad_accum=cfg.gradient_accumulation_steps,
-                                world_size=ctx.world_size, zero_stage=cfg.zero_stage, offload=cfg.offload,
-                                dtype=ctx.dtype, grad_clip=cfg.grad_clip,
-                                lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None,
-                                head_params=list(value_head(model).parameters()),
-                                head_lr=cfg.head_learning_rate or None)
+    engine = build_supervised_engine(TokenValues(model), cfg, ctx, total,
+                                     head_params=list(value_head(model).parameters()),
+                                     head_lr=cfg.head_learning_rate or None)
     eval_clock = {"seconds": 0.0, "scores": []}
 
     def ev():
@@ -182,14 +177,12 @@ def main(argv=None):
     summary = {"stage": cfg.stage_name, "steps": steps, "before": before, "after": after,
                "train_pairs": len(train_set), "eval_pairs": len(eval_set), "train_seconds": round(train_seconds, 1),
                "wall_seconds": ctx.log.elapsed()}
-    ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
-    if before:
-        ctx.log.info(f"pairwise accuracy on {len(eval_set)} held-out pairs {before['eval/accuracy']:.3f} -> "
-                     f"{after['eval/accuracy']:.3f} (a tie counts half; ties {before['eval/tie_fraction']:.0%} -> "
-                     f"{after['eval/tie_fraction']:.0%}; chosen {after['eval/chosen_score']:.3f}, rejected "
-                     f"{after['eval/rejected_score']:.3f})")
-    ctx.log.info(f"saved the reward model (AutoModelForSequenceClassification, HF format) to {cfg.output_dir}")
-    ctx.log.close()
+    change = [f"pairwise accuracy on {len(eval_set)} held-out pairs {before['eval/accuracy']:.3f} -> "
+              f"{after['eval/accuracy']:.3f} (a tie counts half; ties {before['eval/tie_fraction']:.0%} -> "
+              f"{after['eval/tie_fraction']:.0%}; chosen {after['eval/chosen_score']:.3f}, rejected "
+              f"{after['eval/rejected_score']:.3f})"] if before else []
+    finish_stage(ctx, cfg, summary, change + ["saved the reward model (AutoModelForSequenceClassification, HF format) "
+                                              f"to {cfg.output_dir}"])
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from utils.models import load_tokenizer, save_hf_model, save_hf_state, unwrap  #
 from utils.options import parse_config  # noqa: E402
 from utils.report_tables import before_after_table  # noqa: E402
 from utils.plan import dry_run  # noqa: E402
-from utils.stage import run_main, start_stage  # noqa: E402
+from utils.stage import finish_stage, run_main, start_stage  # noqa: E402
 
 
 def plan_steps(cfg, n_prompts, world_size):
@@ -89,14 +89,11 @@ def main(argv=None):
     detectors = run_summary(history, before, after, cfg.detector_window, cfg.detector_kl_growth)
     summary = {"stage": cfg.stage_name, "algo": cfg.algo, "steps": len(history), "history": history,
                "before": before, "after": after, "detectors": detectors, "wall_seconds": ctx.log.elapsed()}
-    ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
     if before and after and ctx.rank == 0:
         print(before_after_table(before, after), flush=True)
-    for line in summary_lines(detectors):
-        ctx.log.info(line)
-    ctx.log.info(f"saved actor{'/critic' if engines.critic is not None else ''}"
-                 f"{'/actor_ema' if trainer.ema is not None else ''} (HF format) under {cfg.output_dir}")
-    ctx.log.close()
+    finish_stage(ctx, cfg, summary, summary_lines(detectors) + [
+        f"saved actor{'/critic' if engines.critic is not None else ''}"
+        f"{'/actor_ema' if trainer.ema is not None else ''} (HF format) under {cfg.output_dir}"])
 
 
 if __name__ == "__main__":

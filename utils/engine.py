@@ -50,6 +50,17 @@ def build_train_engine(model, *, lr, weight_decay, total_steps, warmup_steps, sc
     return engine
 
 
+def build_supervised_engine(model, cfg, ctx, total_steps, **extra):
+    """build_train_engine with a supervised stage's options (utils.options.TrainOptions + DeepSpeedOptions +
+    LoraOptions: steps 1, 2 and DPO); `extra` adds e.g. a value head's own parameter group."""
+    return build_train_engine(model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, total_steps=total_steps,
+                              warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type,
+                              micro_batch=cfg.per_device_train_batch_size, grad_accum=cfg.gradient_accumulation_steps,
+                              world_size=ctx.world_size, zero_stage=cfg.zero_stage, offload=cfg.offload,
+                              dtype=ctx.dtype, grad_clip=cfg.grad_clip,
+                              lora_lr=cfg.lora_learning_rate if cfg.lora_dim else None, **extra)
+
+
 def build_frozen_engine(model, *, micro_batch, world_size, zero_stage=0, offload=False, dtype=torch.float32):
     import deepspeed
     model.requires_grad_(False)

@@ -156,6 +156,15 @@ def start_stage(cfg) -> StageContext:
     return StageContext(rank, world, device, dtype, log)
 
 
+def finish_stage(ctx, cfg, summary: dict, lines: list[str]):
+    """The end of every stage's main: OUTPUT_DIR/summary.json (read by inference.summary and the report), the
+    stage's closing lines (what changed, where the model is), then the logger closed."""
+    ctx.log.write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+    for line in lines:
+        ctx.log.info(line)
+    ctx.log.close()
+
+
 def user_errors():
     """Exception types whose message is the whole story for a user: printed as one line, exit 2."""
     from utils.data.rows import DataError
