@@ -57,7 +57,8 @@ def describe_failure(exc: BaseException) -> str:
 
 def install_stop_watchdog(on_exit=None):
     """After SIGTERM/SIGINT, exit with 128+signal if the process is still alive `grace` seconds later (the
-    normal stop path saves and exits first). No-op off the main thread. `on_exit` runs just before os._exit."""
+    normal stop path saves and exits first). No-op off the main thread. `on_exit` (idempotent) runs when the signal
+    arrives and again just before os._exit."""
     if threading.current_thread() is not threading.main_thread():
         return
     read_fd, write_fd = os.pipe()
@@ -73,6 +74,8 @@ def install_stop_watchdog(on_exit=None):
             stops = [s for s in data if s in (signal.SIGTERM, signal.SIGINT)]
             if stops:
                 break
+        if on_exit is not None:  # at once too: DeepSpeed's launcher SIGKILLs what is left 30 s after its SIGTERM
+            on_exit()
         time.sleep(_STATE["grace"])
         print(f"error: {rank_name()} still running {_STATE['grace']:.0f} s after signal {stops[0]} during "
               f"'{current_phase()}' (blocked on a collective another rank never joined?); exiting without "
