@@ -18,6 +18,10 @@ def test_expected_head_report_only():
     assert not expected_head_report(HEAD_ONLY.replace("score.weight", "model.layers.0.mlp.up_proj.weight"))
     assert not expected_head_report(HEAD_ONLY.replace("MISSING |", "UNEXPECTED |"))
     assert not expected_head_report("some other warning")
+    # a step-1 checkpoint that saved its LM head: unused by the value model, as expected (the step-2 demo's report)
+    with_lm_head = HEAD_ONLY.replace("score.weight | MISSING |", "lm_head.weight | UNEXPECTED |\nscore.weight | MISSING |")
+    assert expected_head_report(with_lm_head)
+    assert not expected_head_report(with_lm_head.replace("lm_head.weight", "model.norm.weight"))
 
 
 def test_value_model_load_is_quiet(tiny_model_dir, capfd):

@@ -18,19 +18,21 @@ from contextlib import contextmanager
 from utils.phase import set_phase
 
 _HEAD_PREFIXES = ("score.", "classifier.")
+_LM_HEAD = "lm_head."  # a step-1 checkpoint's LM head, which a value model has no use for
 # DeepSpeed modules that import see_memory_usage by name and call it with force=True
 _DS_MEMORY_DUMPERS = ("deepspeed.runtime.bf16_optimizer", "deepspeed.runtime.zero.stage_1_and_2",
                       "deepspeed.runtime.zero.stage3", "deepspeed.runtime.engine")
 
 
 def expected_head_report(message: str) -> bool:
-    """True for a transformers LOAD REPORT whose every listed key is a missing value-head weight (what
-    loading a causal-LM checkpoint as a one-label value model always reports)."""
+    """True for a transformers LOAD REPORT whose every listed key is a missing value-head weight or an unused
+    LM head (what loading a causal-LM checkpoint as a one-label value model always reports)."""
     if "LOAD REPORT" not in message:
         return False
     rows = [line.split("|") for line in message.splitlines() if line.count("|") >= 2]
     keys = [(r[0].strip(), r[1].strip()) for r in rows if r[0].strip() and r[0].strip() != "Key"]
-    return bool(keys) and all(k.startswith(_HEAD_PREFIXES) and status == "MISSING" for k, status in keys)
+    return bool(keys) and all((k.startswith(_HEAD_PREFIXES) and status == "MISSING") or
+                              (k.startswith(_LM_HEAD) and status == "UNEXPECTED") for k, status in keys)
 
 
 class _HeadReportFilter(logging.Filter):
