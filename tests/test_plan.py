@@ -43,16 +43,22 @@ def test_checkpointing_keeps_one_hidden_state_per_block():
 def test_rlhf_memory_peak_phase_by_hand():
     mem = rlhf_memory(SHAPE, SHAPE, nbytes=2, world=1, actor_zero=0, critic_zero=0, reference=True,
                       reward_model=SHAPE, gen_rows=4, train_rows=2, prompt_len=6, answer_len=4)
-    # resident: actor and critic trained (2000 + 6000 + 12000 each), reference and reward model 2000 each
-    assert mem["weights"] == 4 * 2000 and mem["gradients"] == 12000 and mem["optimizer"] == 24000
+    # resident: actor and critic weights + optimizer (2000 + 12000 each), reference and reward model 2000 each;
+    # gradients (2 + 4 fp32 buffer = 6000 per model) only while one model trains: the training phase's
+    assert mem["weights"] == 4 * 2000 and mem["optimizer"] == 24000
     kv = 2 * 2 * 1 * 4 * 4 * 10 * 2            # 2 x layers x kv heads x head dim x rows x length x bytes
     assert kv_cache_bytes(SHAPE, 4, 10, 2) == kv == 1280
     experience = 4 * 10 * 50 * (2 + 4)         # no-grad logits of every generated row: 12000
     act, logits = 2 * 10 * 2 * 2 * 80, 2 * 10 * 50 * 2 * 2  # a training micro-batch: 2 rows x 10 tokens
-    assert act + logits == 10400 < experience and kv < experience
-    assert mem["phase"] == "experience" and mem["logits"] == experience and "activations" not in mem
-    assert mem["total"] == pytest.approx(8000 + 12000 + 24000 + 12000 + mem["runtime"])
-    # a larger training micro-batch makes training the peak
+    assert act + logits == 10400 and 6000 + 10400 > experience > kv
+    assert mem["phase"] == "train" and mem["gradients"] == 6000 and mem["activations"] == act
+    assert mem["total"] == pytest.approx(8000 + 24000 + 6000 + 10400 + mem["runtime"])
+    # twice the generated rows: scoring them (24000) is the peak, and no gradient is alive then
+    mem = rlhf_memory(SHAPE, SHAPE, nbytes=2, world=1, actor_zero=0, critic_zero=0, reference=True,
+                      reward_model=SHAPE, gen_rows=8, train_rows=2, prompt_len=6, answer_len=4)
+    assert mem["phase"] == "experience" and mem["logits"] == 2 * experience and "gradients" not in mem
+    assert mem["total"] == pytest.approx(8000 + 24000 + 2 * experience + mem["runtime"])
+    # no critic, a larger training micro-batch
     mem = rlhf_memory(SHAPE, None, nbytes=2, world=1, actor_zero=0, critic_zero=0, reference=False,
                       reward_model=None, gen_rows=4, train_rows=4, prompt_len=6, answer_len=4)
     assert mem["phase"] == "train" and mem["activations"] == 2 * act and mem["logits"] == 2 * logits
