@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from step1_sft.config import SFTConfig  # noqa: E402
 from utils.data.pipeline import sft_datasets  # noqa: E402
 from utils.engine import build_supervised_engine  # noqa: E402
+from utils.guards import sum_over_ranks  # noqa: E402
 from utils.losses import sft_loss  # noqa: E402
 from utils.models import gathered_state_dict, load_causal_lm, load_tokenizer, save_hf_model  # noqa: E402
 from utils.options import parse_config  # noqa: E402
@@ -38,7 +39,6 @@ def sft_step(engine, batch):
 @torch.no_grad()
 def evaluate(engine, dataset, collate, batch_size, device):
     """Token-weighted eval loss and perplexity over this rank's share, summed across ranks."""
-    import torch.distributed as dist
     engine.eval()
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     for idx, n_real in rank_batches(len(dataset), batch_size):
@@ -48,9 +48,8 @@ def evaluate(engine, dataset, collate, batch_size, device):
         loss, n = sft_loss(logits.float(), batch["labels"])
         total += loss.double().cpu() * n.cpu()
         count += n.cpu()
-    both = torch.stack([total, count])
-    dist.all_reduce(both)
-    loss = (both[0] / both[1].clamp(min=1)).item()
+    total, count = sum_over_ranks([total.item(), count.item()])  # on the backend's device (NCCL: CUDA)
+    loss = total / max(count, 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
 
 

@@ -12,7 +12,7 @@ import torch
 from step3_rlhf.algorithms import policy_loss
 from step3_rlhf.engines import EMA
 from step3_rlhf.experience import Experience, response_logprobs, response_values
-from utils.guards import NonFiniteGuard
+from utils.guards import NonFiniteGuard, sum_over_ranks
 from utils.losses import masked_mean, sft_loss
 from utils.policy_losses import value_loss
 
@@ -72,10 +72,8 @@ class RLTrainer:
         if self.cfg.loss_agg != "batch-token-mean":
             return None
         mbs = sum(-(-e.sequences.shape[0] // self.cfg.per_device_training_batch_size) for e in experiences)
-        t = torch.tensor([sum(float(e.action_mask.sum()) for e in experiences), float(mbs)], device=self.ctx.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(t)
-        return float(t[0] / t[1].clamp(min=1))
+        tokens, mbs = sum_over_ranks([sum(float(e.action_mask.sum()) for e in experiences), float(mbs)])
+        return tokens / max(mbs, 1.0)
 
     def _update(self, mb, logp, ent, step, add, n_tokens=None):
         """One micro-batch: the actor's policy step, the critic's value step, the PTX step, the EMA."""

@@ -14,19 +14,27 @@ import signal
 import torch
 
 
-def max_over_ranks(values: list[float]) -> list[float]:
-    """Element-wise maximum of `values` over all ranks (as given on one process). Non-finite values count as
-    -inf, so a NaN on one rank neither wins nor hides another rank's finite maximum. Every rank must call it at
-    the same point (it is a collective when torch.distributed runs more than one process)."""
-    values = [float(v) if math.isfinite(float(v)) else -math.inf for v in values]
+def _over_ranks(values: list[float], op: str) -> list[float]:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
     # NCCL reduces CUDA tensors only; gloo (and DeepSpeed's CPU backend) CPU ones
     device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.tolist()
+
+
+def max_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise maximum of `values` over all ranks (as given on one process). Non-finite values count as
+    -inf, so a NaN on one rank neither wins nor hides another rank's finite maximum. Every rank must call it at
+    the same point (it is a collective when torch.distributed runs more than one process)."""
+    return _over_ranks([float(v) if math.isfinite(float(v)) else -math.inf for v in values], "MAX")
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum of `values` over all ranks (float64: exact for counts); a collective like max_over_ranks."""
+    return _over_ranks([float(v) for v in values], "SUM")
 
 
 def agreed_max(stats: dict, keys) -> dict:

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from utils.guards import max_over_ranks
+from utils.phase import rank_name
+
 
 def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B] number of leading padding columns per row (the whole width for an all-padding row)."""
@@ -38,7 +41,7 @@ def row_groups(attention_mask: torch.Tensor, align: int = 1, max_groups: int = 3
     lead = left_padding(attention_mask).view(B // align, align).min(-1).values.tolist()
     order = sorted(range(len(lead)), key=lambda b: -lead[b])  # most padding first (stable)
     n = len(order)
-    length = agreed_lengths([W - lead[b] for b in order], attention_mask.device)  # same on all ranks
+    length = agreed_lengths([W - lead[b] for b in order])  # same on all ranks
     best = {(0, 0): (0, [])}  # (blocks placed, groups used) -> (cost, cut points)
     for k in range(1, max_groups + 1):
         for end in range(1, n + 1):
@@ -62,23 +65,17 @@ def row_groups(attention_mask: torch.Tensor, align: int = 1, max_groups: int = 3
     return groups
 
 
-def agreed_lengths(sorted_len: list[int], device) -> list[int]:
+def agreed_lengths(sorted_len: list[int]) -> list[int]:
     """Each position's length (blocks sorted shortest first) as the maximum over all ranks: identical on every
     rank, so the grouping made from it is too. One process: `sorted_len` itself. Ranks holding different
     numbers of blocks cannot make the same calls: that is a bug upstream of here, and it stops with an error."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return sorted_len
     n = len(sorted_len)
-    sizes = torch.tensor([n, -n], dtype=torch.long, device=device)
-    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
-    if int(sizes[0]) != -int(sizes[1]):
-        raise RuntimeError(f"rank {dist.get_rank()}: {n} row blocks in this batch but another rank has "
-                           f"{int(sizes[0]) if int(sizes[0]) != n else -int(sizes[1])}; every rank needs the same "
-                           "batch size to make the same number of forward calls")
-    agreed = torch.tensor(sorted_len, dtype=torch.long, device=device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-    return agreed.tolist()
+    most, neg_least = max_over_ranks([n, -n])
+    if most != -neg_least:
+        raise RuntimeError(f"{rank_name()}: {n} row blocks in this batch but another rank has "
+                           f"{int(most) if most != n else int(-neg_least)}; every rank needs the same batch size to "
+                           "make the same number of forward calls")
+    return [int(v) for v in max_over_ranks(sorted_len)]
 
 
 def run_row_groups(fn, attention_mask, *tensors, align=1, max_groups=3, row_chunk=None):
