@@ -154,6 +154,20 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
     reward_guard: float = opt(1e4, "Stop if a |reward| exceeds this (a broken reward model).")
     kl_guard: float = opt(100.0, "Stop if the mean KL exceeds this (a runaway policy).")
     eval_prompts: int = opt(32, "Held-out prompts for the before/after table (0 = none).")
+    eval_interval: int = opt(0, "Also evaluate the held-out prompts (greedy) every N steps: eval/reward and, per "
+                                "rule, eval/<rule>_full (the share of answers with full marks: a correct "
+                                "Countdown equation, a well-formed answer) go to TensorBoard and summary.json's "
+                                "history - the learning curve on prompts the run never trains on (0 = before/after "
+                                "only).", min=0)
+    per_device_eval_batch_size: int = opt(0, "Prompts per held-out evaluation batch (0 = "
+                                             "--per_device_generation_batch_size).", min=0)
+    eval_temperature: typing.Optional[float] = opt(None, "Sampling temperature of the held-out evaluation (0 = "
+                                                         "greedy, as benchmarks score; None = --temperature).",
+                                                   min=0)
+    max_train_seconds: float = opt(0.0, "Stop after the step during which this many seconds of RL (rollouts + "
+                                        "updates; evaluation not counted) have passed, then evaluate and save as "
+                                        "at the end of --max_steps (0 = no limit). With a decaying schedule the "
+                                        "learning rate stops early: use --lr_scheduler_type constant.", min=0)
     reuse_policy_forward: bool = opt(True, "With one PPO epoch, one generation batch and one micro-batch per step, "
                                            "the experience-time actor forward keeps its autograd graph and is also "
                                            "the update's forward (same numbers, one forward less; never with "

@@ -9,16 +9,19 @@ from utils.rng import fork_rng
 
 @torch.no_grad()
 def evaluate_policy(maker, items, batch_size, seed):
-    """Mean reward and per-sequence KL of the current actor on `items` (sampled with a fixed seed; the
-    training RNG stream is left untouched so a resumed run stays identical)."""
+    """Mean reward and per-sequence KL of the current actor on `items` (sampled at --eval_temperature with a
+    fixed seed; the training RNG stream is left untouched so a resumed run stays identical), and per rule its
+    mean score and share of full marks."""
     if not items:
         return None
-    scores, kls, rows = [], [], []
-    with fork_rng():  # the CPU's and the current GPU's RNGs (fork_rng(devices=[]) kept the CPU's only)
+    scores, kls, rows, parts = [], [], [], {}
+    with fork_rng(), maker.rollout.temperature(maker.cfg.eval_temperature):  # fork: CPU + current GPU RNGs
         torch.manual_seed(seed)
         for start in range(0, len(items), batch_size):
             exp = maker.make(items[start:start + batch_size], sample=False)
             scores.append(exp.scores.float().cpu())
+            for name, values in exp.components.items():
+                parts.setdefault(name, []).append(values.float().cpu())
             if exp.ref_logprobs is not None:
                 kls.append(((exp.logprobs - exp.ref_logprobs) * exp.action_mask).sum(1).cpu())
             rows += [{"prompt": p, "response": r, "score": float(s)}
@@ -27,6 +30,22 @@ def evaluate_policy(maker, items, batch_size, seed):
     out = {"reward_mean": torch.cat(scores).mean().item(), "n": len(rows), "samples": rows}
     if kls:
         out["kl_mean"] = torch.cat(kls).mean().item()
+    for name, chunks in parts.items():  # "reward/countdown" -> "countdown"
+        values = torch.cat(chunks)
+        out.setdefault("components", {})[name.split("/", 1)[1]] = values.mean().item()
+        if name != "reward/model":  # rules score 1.0 for full marks (a correct answer, a well-formed one)
+            out.setdefault("full_marks", {})[name.split("/", 1)[1]] = (values >= 1.0 - 1e-6).float().mean().item()
+    return out
+
+
+def eval_scalars(result) -> dict:
+    """The TensorBoard/history scalars of one evaluate_policy result: eval/reward, eval/kl, eval/<rule> (mean
+    score) and eval/<rule>_full (share with full marks: for Countdown, the accuracy)."""
+    out = {"eval/reward": result["reward_mean"]}
+    if "kl_mean" in result:
+        out["eval/kl"] = result["kl_mean"]
+    out.update({f"eval/{k}": v for k, v in result.get("components", {}).items()})
+    out.update({f"eval/{k}_full": v for k, v in result.get("full_marks", {}).items()})
     return out
 
 

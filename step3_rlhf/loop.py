@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 
 from step3_rlhf.dynamic_sampling import dynamic_sample
-from step3_rlhf.evaluate import warn_on_hacking_trend
+from step3_rlhf.evaluate import eval_scalars, warn_on_hacking_trend
 from step3_rlhf.experience_stats import experience_stats
 from utils.checkpoint import Checkpointer
-from utils.guards import StopRequest, agreed_max
+from utils.guards import StopRequest, agreed_max, any_rank
 from utils.train_loop import epoch_batches, resume, stop_message
 
 
@@ -72,15 +73,21 @@ def _experience(maker, prompts, cursor, cfg, log, step):
     return train_exps, made, ds
 
 
-def fit(maker, trainer, prompts, total_steps):
-    """Runs `total_steps` RL steps over `prompts` (resuming if a checkpoint is there): per step `maker` makes
-    the experience of `generation_batches` prompt batches (and refills, --dynamic_sampling) and `trainer`
-    updates on it. Returns per-step stats."""
+def out_of_time(cfg, seconds) -> bool:
+    """--max_train_seconds spent? Decided on the slowest rank's clock, so every rank stops at the same step."""
+    return bool(cfg.max_train_seconds) and any_rank(seconds >= cfg.max_train_seconds)
+
+
+def fit(maker, trainer, prompts, total_steps, evaluate=None):
+    """Runs `total_steps` RL steps over `prompts` (resuming if a checkpoint is there), or fewer when
+    --max_train_seconds runs out: per step `maker` makes the experience of `generation_batches` prompt batches
+    (and refills, --dynamic_sampling) and `trainer` updates on it; every --eval_interval steps except the last
+    (the caller's after-run evaluation covers that) `evaluate()` adds its eval/* scalars. Returns per-step stats."""
     cfg, ctx, log = trainer.cfg, trainer.ctx, trainer.log
     ckpt = Checkpointer(cfg.output_dir, cfg.save_total_limit, ctx.rank, log, fresh=cfg.no_resume)
     engines = {"actor": trainer.e.actor, **({"critic": trainer.e.critic} if trainer.e.critic is not None else {})}
     stop = StopRequest()
-    step, history = 0, []
+    step, history, seconds = 0, [], 0.0
     cursor = PromptCursor(len(prompts), cfg, ctx)
     state, tensors = resume(cfg, ckpt, engines, log, ["ema"] if trainer.ema else [])
     if state:
@@ -89,10 +96,12 @@ def fit(maker, trainer, prompts, total_steps):
         if trainer.ptx is not None and state.get("ptx"):
             trainer.ptx.load(state["ptx"])
         trainer.guard.load(state.get("guard"))
-        step, history = state["step"], state.get("history", [])
+        step, history, seconds = state["step"], state.get("history", []), state.get("train_seconds", 0.0)
         cursor = PromptCursor(len(prompts), cfg, ctx, state["epoch"], state["next_batch"])
     bar = log.progress(total_steps, initial=step)  # named by the logger: cfg.stage_name
-    while step < total_steps:
+    done = step >= total_steps
+    while not done:
+        started = time.monotonic()
         exps, made, extra = _experience(maker, prompts, cursor, cfg, log, step + 1)
         stats = {**experience_stats(made, cfg.num_generations), **extra}
         check_guards(cfg, stats, step + 1)
@@ -103,6 +112,10 @@ def fit(maker, trainer, prompts, total_steps):
             maker.rollout.sync_weights()  # the next rollout samples from the updated actor
         stats.update(log.pop_timers())
         step += 1
+        seconds += time.monotonic() - started
+        done = step >= total_steps or out_of_time(cfg, seconds)
+        if evaluate is not None and cfg.eval_interval and step % cfg.eval_interval == 0 and not done:
+            stats.update(eval_scalars(evaluate()))
         stats["detect/hacking_trend"] = warn_on_hacking_trend(history, stats, cfg, log, step)
         history.append(stats)
         log.scalars(stats, step)
@@ -111,7 +124,7 @@ def fit(maker, trainer, prompts, total_steps):
         bar.update(1)
         if (cfg.save_interval and step % cfg.save_interval == 0) or stop.requested:
             state = {"epoch": cursor.epoch, "next_batch": cursor.b, "guard": trainer.guard.state(),
-                     "history": history, "ptx": trainer.ptx.state() if trainer.ptx is not None else None}
+                     "history": history, "train_seconds": seconds, "ptx": trainer.ptx.state() if trainer.ptx is not None else None}
             ckpt.save(engines, step, state, {"ema": trainer.ema.shadow} if trainer.ema else None)
         if stop.requested:
             bar.close()
@@ -119,6 +132,8 @@ def fit(maker, trainer, prompts, total_steps):
             sys.exit(128 + int(stop.signal))
     bar.close()
     stop.close()
+    if step < total_steps:
+        log.info(f"--max_train_seconds {cfg.max_train_seconds:g} spent after {step} of {total_steps} steps")
     if trainer.guard.total:
         log.info(f"{trainer.guard.total} update(s) skipped because a loss, reward or KL was not finite")
     return history

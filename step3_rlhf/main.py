@@ -19,7 +19,7 @@ import math  # noqa: E402
 
 from step3_rlhf.config import RLHFConfig  # noqa: E402
 from step3_rlhf.engines import build_engines  # noqa: E402
-from step3_rlhf.evaluate import evaluate_policy, run_summary, summary_lines  # noqa: E402
+from step3_rlhf.evaluate import eval_scalars, evaluate_policy, run_summary, summary_lines  # noqa: E402
 from step3_rlhf.experience_maker import ExperienceMaker  # noqa: E402
 from step3_rlhf.prompt_data import collate_prompts, load_prompts, ptx_batches  # noqa: E402
 from step3_rlhf.loop import fit  # noqa: E402
@@ -66,6 +66,8 @@ def main(argv=None):
     ctx.log.info(f"{len(train_items)} training prompts, {len(eval_items)} held-out prompts, {steps} steps of "
                  f"{cfg.generation_batches * cfg.per_device_generation_batch_size * cfg.num_generations} samples")
 
+    heldout = functools.partial(evaluate_policy, maker, eval_items,
+                                cfg.per_device_eval_batch_size or cfg.per_device_generation_batch_size, cfg.seed + 1)
     before_path = os.path.join(cfg.output_dir, "eval_before.json")
     before = None
     if eval_items:
@@ -73,13 +75,15 @@ def main(argv=None):
             with open(before_path) as f:
                 before = json.load(f)
         else:
-            before = evaluate_policy(maker, eval_items, cfg.per_device_generation_batch_size, cfg.seed + 1)
+            before = heldout()
             ctx.log.write_json(before_path, before)
+        ctx.log.scalars(eval_scalars(before), 0)  # the first point of the eval/* curve
 
-    history = fit(maker, trainer, train_items, steps)
+    history = fit(maker, trainer, train_items, steps, heldout if eval_items else None)
 
-    after = evaluate_policy(maker, eval_items, cfg.per_device_generation_batch_size, cfg.seed + 1) \
-        if eval_items else None
+    after = heldout() if eval_items else None
+    if after and history:  # the last point of the eval/* curve
+        ctx.log.scalars(eval_scalars(after), len(history))
     save_hf_model(engines.actor, tokenizer, os.path.join(cfg.output_dir, "actor"), rank=ctx.rank)
     if engines.critic is not None:
         save_hf_model(engines.critic, tokenizer, os.path.join(cfg.output_dir, "critic"), rank=ctx.rank)

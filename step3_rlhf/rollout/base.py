@@ -5,6 +5,7 @@ are RIGHT-padded; `action_mask` [B, R] is 1 up to and including each response's 
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 
 import torch
@@ -63,6 +64,18 @@ class Rollout:
 
     def sync_weights(self):
         """In-process backends generate with the actor's own parameters: nothing to push."""
+
+    @contextmanager
+    def temperature(self, value):
+        """Sample at `value` for the calls inside (0 = greedy; None = --temperature): held-out evaluation.
+        A backend reads its sampling settings from self.cfg at each call, so swapping that copy is enough."""
+        saved = self.cfg
+        if value is not None:
+            self.cfg = dataclasses.replace(saved, temperature=value)
+        try:
+            yield
+        finally:
+            self.cfg = saved
 
     @contextmanager
     def generation_mode(self):

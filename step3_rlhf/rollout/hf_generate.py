@@ -65,7 +65,10 @@ class HFRollout(Rollout):
 
     def __init__(self, cfg, actor, tokenizer, synced_gpus=False):
         super().__init__(cfg, actor, tokenizer, synced_gpus)
-        self.settings = sampling_kwargs(cfg, self.eos, self.pad_id)
+
+    @property
+    def settings(self):  # from self.cfg at each call: Rollout.temperature swaps it for evaluation
+        return sampling_kwargs(self.cfg, self.eos, self.pad_id)
 
     def _generate_fn(self):
         return self.model.generate

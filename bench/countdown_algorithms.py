@@ -1,0 +1,209 @@
+"""Step 3's algorithms side by side on one Countdown workload, each for the same RL wall time.
+
+    python bench/countdown_algorithms.py [--budget_s 360] [--algos ppo,grpo,rloo,reinforce,reinforce_pp]
+    python bench/countdown_algorithms.py --heldout val --runs "lr1e-5=grpo --actor_learning_rate 1e-5" ...
+
+One step-1 warm start (SmolLM2-135M-Instruct on the project's own solver's solutions, as
+bench/countdown_r1.py makes it; --warm_start DIR reuses one), then for each run a step-3 process from it with
+the same prompts (3-number training tasks no warm-start row used), 4 prompts x 8 samples per step, the
+Countdown rule + format reward, the same learning rate and KL weight, and `--max_train_seconds BUDGET`: the
+run stops after the step during which BUDGET seconds of rollouts + updates have passed (its evaluations are
+not counted). Held-out accuracy (greedy, 128 new tokens, the TinyZero score is 1) on --n_heldout tasks is
+taken before, every --eval_interval steps and after - the curve; the last point is the result.
+--heldout test scores the shared test tasks; --heldout val a validation slice carved off the END of the
+training tasks (disjoint from the warm-start and RL prompts), for choosing a recipe without looking at the
+test tasks. Each run is a child process, so its peak RSS is its own (os.wait4). Prints one JSON object and
+writes it with a PNG of the training reward and held-out accuracy curves to --out (default bench/results).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a busy 2-core box is ~50x slower with spinning OpenMP threads
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+from bench.countdown_r1 import run_child  # noqa: E402  (seconds and peak RSS of one child process)
+
+STEP1, STEP3 = os.path.join(REPO, "step1_sft", "main.py"), os.path.join(REPO, "step3_rlhf", "main.py")
+ALGOS = "ppo,grpo,rloo,reinforce,reinforce_pp"
+
+
+# ---------------------------------------------------------------- data
+def prepare(args, work):
+    """JSONL files: warm-start rows (train tasks), RL prompts (the next train tasks), held-out tasks (the
+    shared test tasks, or a validation slice off the end of the train tasks). All 3-number tasks."""
+    from step3_rlhf.tasks.countdown import load_countdown_jsonl
+    from step3_rlhf.warm_start import countdown_rows, write_jsonl
+    data = os.path.join(args.data_dir, "countdown")
+    keep3 = lambda rows: [r for r in rows if len(r["nums"]) == 3]  # noqa: E731
+    train = keep3(load_countdown_jsonl(os.path.join(data, "train.jsonl")))
+    if args.sft_rows + args.rl_rows + args.n_val > len(train):
+        raise SystemExit(f"--sft_rows + --rl_rows + --n_val exceed the {len(train)} 3-number training tasks")
+    sft, rl, val = train[:args.sft_rows], train[args.sft_rows:args.sft_rows + args.rl_rows], train[-args.n_val:]
+    heldout = val if args.heldout == "val" else keep3(load_countdown_jsonl(os.path.join(data, "test.jsonl")))
+    paths = {name: os.path.join(work, f"{name}.jsonl") for name in ("sft", "rl", "heldout")}
+    write_jsonl(countdown_rows(sft), paths["sft"])
+    write_jsonl(rl, paths["rl"])
+    write_jsonl(heldout[:args.n_heldout], paths["heldout"])
+    return paths
+
+
+def warm_start(args, paths, work):
+    """The step-1 model every run starts from: --warm_start, or made here (seconds it took, or None)."""
+    if args.warm_start:
+        return args.warm_start, None
+    out = os.path.join(work, "sft")
+    cmd = [sys.executable, STEP1, "--model_name_or_path", args.model, "--data_path", paths["sft"], "--data_split",
+           "1,0,0", "--max_seq_len", "320", "--per_device_train_batch_size", "8", "--learning_rate", "1e-4",
+           "--lr_scheduler_type", "cosine", "--num_warmup_steps", "5", "--max_steps", str(args.sft_steps),
+           "--max_eval_samples", "64", "--no-compare_before", "--dtype", "auto", "--threads", str(args.threads),
+           "--disable_progress_bar", "--output_dir", out, "--no_resume"]
+    seconds, _ = run_child(cmd, os.path.join(work, "sft.log"))
+    return out, seconds
+
+
+# ---------------------------------------------------------------- one run
+def runs_of(args):
+    """[(label, algo, extra flags)]: --runs "LABEL=ALGO flags..." entries, else one per --algos name."""
+    if args.runs:
+        out = []
+        for spec in args.runs:
+            label, _, rest = spec.partition("=")
+            words = shlex.split(rest)
+            if not label or not words:
+                raise SystemExit(f"--runs {spec!r}: expected LABEL=ALGO [flags]")
+            out.append((label, words[0], words[1:]))
+        return out
+    return [(a, a, []) for a in args.algos.split(",")]
+
+
+def rl_command(args, actor, paths, out, algo, extra):
+    kl = ["--kl_ctl", str(args.kl)] if algo in ("ppo", "reinforce_pp") else ["--beta", str(args.kl)]
+    return [sys.executable, STEP3, "--actor_model_name_or_path", actor, "--algo", algo, "--task", "countdown",
+            "--data_path", paths["rl"], paths["heldout"], "--reward", "countdown", "format=0.5",
+            "--max_prompt_seq_len", "256", "--max_answer_seq_len", "128", "--num_generations", "8",
+            "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "16",
+            "--actor_learning_rate", str(args.lr), "--critic_learning_rate", str(args.lr), *kl,
+            "--lr_scheduler_type", "constant", "--max_steps", "100000", "--max_train_seconds", str(args.budget_s),
+            "--eval_prompts", str(args.n_heldout), "--eval_interval", str(args.eval_interval),
+            "--eval_temperature", "0", "--per_device_eval_batch_size", str(args.eval_batch), "--seed", str(args.seed),
+            "--dtype", "auto", "--threads", str(args.threads), "--disable_progress_bar", "--no_resume",
+            "--output_dir", out, *extra]
+
+
+def run_one(args, actor, paths, work, label, algo, extra):
+    """One algorithm's run: its curves, throughput, peak RSS and held-out figures."""
+    out = os.path.join(work, label)
+    seconds, rss = run_child(rl_command(args, actor, paths, out, algo, extra), os.path.join(work, f"{label}.log"))
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    history, before, after = summary["history"], summary["before"], summary["after"]
+    step_seconds = [sum(v for k, v in h.items() if k.startswith("time/")) for h in history]
+    # sampled sequences: 4 prompts x 8 a step, and 32 more per --dynamic_sampling refill round
+    samples = sum(32 * (1 + h.get("dynamic_sampling/refill_rounds", 0)) for h in history)
+    curve = [(0, before["full_marks"]["countdown"])]
+    curve += [(i + 1, h["eval/countdown_full"]) for i, h in enumerate(history) if "eval/countdown_full" in h]
+    curve.append((len(history), after["full_marks"]["countdown"]))
+    return {"algo": algo, "flags": extra, "steps": len(history), "rl_seconds": round(sum(step_seconds), 1),
+            "process_seconds": seconds, "peak_rss_mb": rss,
+            "samples_per_second": round(samples / sum(step_seconds), 3),  # sampled and trained on
+            "heldout_accuracy_before": before["full_marks"]["countdown"],
+            "heldout_accuracy": after["full_marks"]["countdown"], "heldout_format_rate": after["full_marks"]["format"],
+            "heldout_accuracy_curve": curve, "kl_last": history[-1].get("kl/mean"),
+            "train_reward_curve": [round(h["reward/mean"], 4) for h in history],
+            "train_countdown_curve": [round(h.get("reward/countdown", 0.0), 4) for h in history],
+            "samples": [s for s in after["samples"][:3]]}
+
+
+# ---------------------------------------------------------------- picture
+def plot(report, path):
+    """Training reward per step and held-out accuracy against RL seconds, one line per run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for label, run in report["runs"].items():
+        if "failed" in run:
+            continue
+        per_step = run["rl_seconds"] / max(run["steps"], 1)
+        rewards = run["train_reward_curve"]
+        left.plot([per_step * (i + 1) for i in range(len(rewards))], rewards, label=label)
+        xs, ys = zip(*run["heldout_accuracy_curve"])
+        right.plot([per_step * x for x in xs], ys, marker="o", label=label)
+    left.set(title="training reward (countdown + 0.5 x format)", xlabel="RL seconds", ylabel="mean reward")
+    right.set(title=f"held-out accuracy ({report['heldout']}, n={report['n_heldout']}, greedy)",
+              xlabel="RL seconds", ylabel="accuracy")
+    right.legend(fontsize=8)
+    fig.suptitle(f"same {report['budget_s']:g} s of RL each from one warm start ({report['model']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data_dir", default=os.path.join(os.path.dirname(REPO), "shared", "data"),
+                   help="Holds countdown/train.jsonl and countdown/test.jsonl.")
+    p.add_argument("--work_dir", default="/tmp/countdown_algorithms")
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "results"), help="Where the JSON and PNG go.")
+    p.add_argument("--name", default="countdown_algorithms", help="File name of the JSON and PNG.")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--warm_start", default="", help="A step-1 warm-start model to reuse (else made here).")
+    p.add_argument("--sft_steps", type=int, default=100)
+    p.add_argument("--sft_rows", type=int, default=2000, help="Warm-start rows (the first train tasks).")
+    p.add_argument("--rl_rows", type=int, default=1000, help="RL prompts (the train tasks after them).")
+    p.add_argument("--n_val", type=int, default=200, help="Validation slice: the last train tasks.")
+    p.add_argument("--heldout", choices=["test", "val"], default="test")
+    p.add_argument("--n_heldout", type=int, default=200, help="Held-out tasks scored for the curve.")
+    p.add_argument("--eval_interval", type=int, default=8, help="Steps between held-out evaluations.")
+    p.add_argument("--eval_batch", type=int, default=50)
+    p.add_argument("--algos", default=ALGOS)
+    p.add_argument("--runs", nargs="*", default=[], help='"LABEL=ALGO [step-3 flags]" runs instead of --algos.')
+    p.add_argument("--budget_s", type=float, default=360, help="RL seconds per run (rollouts + updates).")
+    p.add_argument("--lr", type=float, default=1e-5, help="Actor (and critic) learning rate of every run.")
+    p.add_argument("--kl", type=float, default=0.001, help="KL weight: --beta, or --kl_ctl for ppo/reinforce_pp.")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+
+    work = args.work_dir
+    os.makedirs(work, exist_ok=True)
+    t0 = time.time()
+    paths = prepare(args, work)
+    actor, sft_seconds = warm_start(args, paths, work)
+    report = {"model": args.model, "warm_start": actor, "warm_start_seconds": sft_seconds,
+              "heldout": args.heldout, "n_heldout": args.n_heldout, "budget_s": args.budget_s, "lr": args.lr,
+              "kl": args.kl, "workload": "4 prompts x 8 samples a step, countdown + 0.5 x format, 128 new tokens",
+              "cpu": _cpu(), "runs": {}}
+    for label, algo, extra in runs_of(args):
+        try:
+            report["runs"][label] = run_one(args, actor, paths, work, label, algo, extra)
+        except RuntimeError as err:  # one failing run is reported, the others still run
+            report["runs"][label] = {"algo": algo, "failed": str(err).strip().splitlines()[-1][:400]}
+        print(f"[bench] {label}: {json.dumps({k: v for k, v in report['runs'][label].items() if 'curve' not in k and k != 'samples'})}",
+              file=sys.stderr, flush=True)
+    report["bench_seconds"] = round(time.time() - t0)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    plot(report, os.path.join(args.out, f"{args.name}.png"))
+    print(json.dumps(report, indent=1))
+
+
+def _cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        name = "?"
+    return f"{name}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
