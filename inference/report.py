@@ -27,6 +27,7 @@ GROUPS = {
     "loss": ("losses", "loss"),
     "eval": ("evaluation", "value"),
     "reward": ("reward", "reward"),
+    "rewards": ("DPO implicit rewards", "beta x log-ratio"),  # step2_dpo's rewards/chosen, /rejected, /margins
     "kl": ("KL divergence", "KL"),
     "response": ("response length", "tokens"),
     "clipfrac": ("clip fraction", "fraction"),
@@ -61,13 +62,15 @@ class ReportResult:
 # ----------------------------------------------------------------------------------------------- pure helpers
 
 def classify_tag(tag: str) -> str:
-    """Figure group of one scalar tag (the names the three trainers write); unknown tags -> "other"."""
+    """Figure group of one scalar tag (the names the stages write, DPO included); unknown tags -> "other"."""
     if tag.startswith(LOSS_PREFIXES):
         return "loss"
     if tag.startswith("train/lr"):
         return "lr"
     if tag in TIME_TAGS:
         return "time"
+    if tag.startswith("rewards/"):  # DPO's per-step implicit rewards, apart from step 3's reward/ (a score)
+        return "rewards"
     for prefix in ("eval", "reward", "kl", "response", "clipfrac", "entropy"):
         if tag == prefix or tag.startswith(prefix + "/"):
             return prefix
@@ -146,12 +149,18 @@ def headlines(series: dict[str, Series]) -> list[str]:
     trend("loss/policy", "policy loss")
     trend("loss/value", "value loss")
     trend("kl/mean", "KL")
+    trend("rewards/margins", "DPO implicit-reward margin")
     trend("response/length", "response length", " tokens")
     if "eval/accuracy" in series:
         pairwise = any(t in series for t in ("eval/chosen_score", "eval/rejected_score", "eval/margin"))
         lines.append(f"{'pairwise accuracy' if pairwise else 'accuracy'} {fmt(series['eval/accuracy'].values[-1])}")
+    dpo = "eval/rewards/chosen" in series and "eval/rewards/rejected" in series
     if "eval/margin" in series:
-        lines.append(f"chosen - rejected score margin {fmt(series['eval/margin'].values[-1])}")
+        lines.append(f"chosen - rejected {'implicit-reward' if dpo else 'score'} margin "
+                     f"{fmt(series['eval/margin'].values[-1])}")
+    if dpo:
+        lines.append(f"implicit rewards: chosen {fmt(series['eval/rewards/chosen'].values[-1])}, rejected "
+                     f"{fmt(series['eval/rewards/rejected'].values[-1])}")
     present = [t for t in TIME_TAGS if t in series]
     if present:
         totals = [sum(series[t].values) for t in present]

@@ -1,5 +1,5 @@
 """e2e_rlhf.py with a fake preset per step (no training): order, a log per step, resume from the step that
-did not finish, --force, --dry_run passed on, and a failed step's exit code."""
+did not finish, --force, --dry_run passed on, a failed step's exit code, and --step2-algo dpo."""
 import os
 import stat
 
@@ -19,16 +19,16 @@ def fake_presets(tmp_path, monkeypatch):
     calls, fail_dir = tmp_path / "calls.txt", tmp_path / "fail"
     fail_dir.mkdir()
     scripts = {}
-    for step in (1, 2, 3):
-        path = tmp_path / f"fake{step}.sh"
-        path.write_text(FAKE.replace("STEP", str(step)).format(calls=calls, fail_dir=fail_dir))
+    for key in ("1", "2", "3", "dpo"):  # DPO's preset records itself as "dpo"
+        path = tmp_path / f"fake{key}.sh"
+        path.write_text(FAKE.replace("STEP", key).format(calls=calls, fail_dir=fail_dir))
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
-        scripts[step] = str(path)
+        scripts[key] = str(path)
     seen = []
 
-    def preset(step, deployment, family):
+    def preset(step, deployment, family, algo="rm"):
         seen.append((step, deployment, family))
-        return scripts[step]
+        return scripts["dpo" if step == 2 and algo == "dpo" else str(step)]
     monkeypatch.setattr(e2e_rlhf, "preset_script", preset)
 
     def read_calls():
@@ -87,3 +87,54 @@ def test_preset_choice_follows_upstream_layout():
     for step in (1, 2, 3):
         for dep in ("single_gpu", "single_node", "multi_node", "cpu"):
             assert os.path.isfile(e2e_rlhf.preset_script(step, dep, "opt"))
+
+
+def test_dpo_runs_step1_then_step2_dpo_and_no_step3(fake_presets, tmp_path, capsys):
+    read_calls, _, _ = fake_presets
+    out = tmp_path / "out"
+    argv = ["--step2-algo", "dpo", "--deployment-type", "single_gpu", "--actor-zero-stage", "3",
+            "--output-dir", str(out)]
+    assert e2e_rlhf.main(argv) == 0
+    calls = [c.split() for c in read_calls()]
+    assert [c[0] for c in calls] == ["1", "dpo"]
+    # the step-1 model is DPO's policy (and reference); its ZeRO stage is the actor's
+    assert calls[1][1:] == [str(out / "step1"), str(out / "step2_dpo"), "3"]
+    assert "args:" in (out / "logs" / "step2_dpo.log").read_text() and not (out / "logs" / "step2.log").exists()
+    printed = capsys.readouterr().out
+    assert "step 2 (step2_dpo)" in printed and "no step 3" in printed and "what changed" in printed
+    assert os.path.exists(e2e_rlhf.marker_path(str(out), 2, "dpo"))
+    assert not os.path.exists(e2e_rlhf.marker_path(str(out), 2))  # a later rm run still trains its reward model
+    assert e2e_rlhf.main(argv) == 0  # resume: both finished, nothing reruns
+    assert len(read_calls()) == 2 and "finished before" in capsys.readouterr().out
+    assert e2e_rlhf.main(argv + ["--step", "2", "--force"]) == 0
+    assert [c.split()[0] for c in read_calls()] == ["1", "dpo", "dpo"]
+
+
+def test_dpo_dry_run_on_cpu_plans_from_the_base_model(fake_presets, tmp_path, capsys):
+    read_calls, _, _ = fake_presets
+    out = tmp_path / "out"
+    assert e2e_rlhf.main(["--step2-algo", "dpo", "--deployment-type", "cpu", "--dry_run", "--actor-zero-stage", "2",
+                          "--output-dir", str(out)]) == 0
+    calls = read_calls()
+    assert [c.split()[0] for c in calls] == ["1", "dpo"] and all(c.endswith("--dry_run") for c in calls)
+    dpo = calls[1].split()[1:]
+    assert dpo[:2] == [str(out / "step1"), str(out / "step2_dpo")]  # demo.sh takes STEP1_DIR OUTPUT_DIR
+    assert "--model_name_or_path smollm2-135m-instruct" in calls[1] and "--zero_stage 2" in calls[1]
+    assert not os.path.exists(e2e_rlhf.marker_path(str(out), 2, "dpo"))
+    assert "no step 3" in capsys.readouterr().out
+
+
+def test_dpo_rejects_step3_and_a_reward_model(capsys):
+    with pytest.raises(SystemExit):
+        e2e_rlhf.parse_args(["--step2-algo", "dpo", "--step", "1", "2", "3"])
+    assert "no step 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        e2e_rlhf.parse_args(["--step2-algo", "dpo", "--reward-model", "facebook/opt-350m"])
+    assert e2e_rlhf.parse_args([]).step == [1, 2, 3] and e2e_rlhf.parse_args(["--step2-algo", "dpo"]).step == [1, 2]
+
+
+def test_dpo_presets_exist_for_every_deployment():
+    for dep in ("single_gpu", "single_node", "multi_node", "cpu"):
+        for family in ("opt", "llama"):
+            script = e2e_rlhf.preset_script(2, dep, family, "dpo")
+            assert os.path.isfile(script) and "step2_dpo" in script
