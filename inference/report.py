@@ -10,6 +10,7 @@ they can be unit-tested; the plotting helpers return the data they actually drew
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from utils.options import opt, parse_config
+from utils.report_tables import HELDOUT_FILE, correctness_table
 
 EVENT_FILE_MARK = "tfevents"
 TIME_TAGS = ("time/generation", "time/experience", "time/training")
@@ -317,6 +319,16 @@ def _run_section(run: str, series: dict[str, Series], pngs: dict[str, str], md_d
     return lines
 
 
+def heldout_section(logdir: str) -> list[str]:
+    """inference.heldout's table (answers right by rule, base / step 1 / step 3) when the pipeline wrote one."""
+    path = os.path.join(logdir, HELDOUT_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+    return ["## Held-out answers, checked by rule", "", "```", correctness_table(result, n_examples=5), "```", ""]
+
+
 def write_report(logdir: str, out_dir: str | None = None, smooth: float = 0.0) -> ReportResult:
     """Read every run below `logdir`, write `<out_dir>/<run>_<group>.png` and `<out_dir>/report.md`.
 
@@ -353,6 +365,7 @@ def write_report(logdir: str, out_dir: str | None = None, smooth: float = 0.0) -
             pngs[group] = png
             result.png_paths[f"{run}/{group}"] = png
         md += _run_section(run, series, pngs, out_dir)
+    md += heldout_section(logdir)
     with open(md_path, "w", encoding="utf-8") as f:
         f.write("\n".join(md).rstrip() + "\n")
     return result

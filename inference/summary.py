@@ -1,6 +1,7 @@
 """What changed in a pipeline run, with numbers: `python -m inference.summary OUTPUT_DIR`.
 
-Reads the `summary.json` each stage writes into OUTPUT_DIR/step1, step2 and step3 (whichever exist).
+Reads the `summary.json` each stage writes into OUTPUT_DIR/step1, step2 and step3 (whichever exist), and
+inference.heldout's OUTPUT_DIR/heldout_eval.json (answers right by rule) when there is one.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from dataclasses import dataclass
 
 from utils.options import opt, parse_config
-from utils.report_tables import before_after_table
+from utils.report_tables import HELDOUT_FILE, before_after_table, correctness_table
 
 
 def _load(path):
@@ -50,6 +51,9 @@ def summarize(out_dir: str) -> str:
             lines.append(f"step 3 ({s3['algo']}, {s3['steps']} steps{_wall(s3)}): training reward "
                          f"{hist[0]['reward/mean']:.3f} (first step) -> {hist[-1]['reward/mean']:.3f} (last step)")
         lines += ["", before_after_table(s3["before"], s3["after"])]
+    held = _load(os.path.join(out_dir, HELDOUT_FILE))  # inference.heldout: base / step 1 / step 3, right by rule
+    if held and held.get("models"):
+        lines += ["", correctness_table(held)]
     return "\n".join(lines) if lines else f"no stage summaries under {out_dir}"
 
 
