@@ -12,7 +12,8 @@ with the models and ZeRO stages given here. Outputs go to OUTPUT/step1, OUTPUT/s
 step's console to OUTPUT/logs/stepN.log. A finished step leaves OUTPUT/.e2e/stepN.done; a rerun of the same
 command skips finished steps (--force reruns them), so a half-finished pipeline resumes at the step that did
 not finish (and that step resumes from its own last checkpoint, if it wrote any). The run ends with each
-step's wall time, the cross-stage summary (inference.summary) and the report (inference.report). A failed
+step's wall time, for the CPU demo the held-out answers of the base, step-1 and step-3 models checked by rule
+(inference.heldout), the report (inference.report) and the cross-stage summary (inference.summary). A failed
 step ends the driver with that step's exit code.
 
 --step2-algo dpo runs step2_dpo as step 2 (DeepSpeed-Chat's step2_dpo_finetuning: the step-1 model as policy and,
@@ -207,11 +208,29 @@ def plan_line(steps, algo: str) -> str:
     return f"---=== plan: {names}{why} ===---"
 
 
-def wrap_up(out: str, times: dict, algo: str = "rm") -> int:
+def heldout_check(out: str, base: str) -> None:
+    """The CPU demo trains on the synthetic set, whose answers are exact: base, step-1 and step-3 models answer
+    the same held-out prompts and inference.heldout counts the right ones by rule (OUTPUT/heldout_eval.json,
+    shown by the report and the summary)."""
+    if not _has_model(os.path.join(out, "step1")):
+        return
+    print("\n================ held-out answers, checked by rule ================", flush=True)
+    stale = os.path.join(out, "heldout_eval.json")  # utils.report_tables.HELDOUT_FILE (the driver imports no torch)
+    if os.path.exists(stale):  # an earlier run's models: never shown beside this run's
+        os.remove(stale)
+    if run_logged([sys.executable, "-m", "inference.heldout", out, "--base", base, "--quiet"],
+                  os.path.join(out, "logs", "heldout.log")):
+        print(f"(no held-out check: see {os.path.join(out, 'logs', 'heldout.log')}; the models are trained)",
+              flush=True)
+
+
+def wrap_up(out: str, times: dict, algo: str = "rm", base: str | None = None) -> int:
     print("\n================ wall time per step ================", flush=True)
     for step, (seconds, how) in sorted(times.items()):
         print(f"step {step} ({stage_dir(step, algo)}): {seconds:.0f} s{how}", flush=True)
     print(f"total: {sum(s for s, _ in times.values()):.0f} s", flush=True)
+    if base:
+        heldout_check(out, base)
     if run_logged([sys.executable, "-m", "inference.report", "--logdir", out, "--out", os.path.join(out, "report")],
                   os.path.join(out, "logs", "report.log")):
         print("(no training report: the steps wrote no TensorBoard logs; the models are trained)", flush=True)
@@ -243,7 +262,9 @@ def main(argv=None) -> int:
         print("dry run: every step's plan is above; nothing was trained"
               + (" (no step 3: DPO is the last step)" if algo == "dpo" else ""), flush=True)
         return 0
-    return wrap_up(out, times, algo)
+    # the demo's data is the synthetic set (exact answers); other presets train on Hub sets without them
+    base = (args.actor_model or _default_model(args, "actor")) if args.deployment_type == "cpu" else None
+    return wrap_up(out, times, algo, base)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from utils.options import opt, parse_config
+from utils.report_tables import heldout_section
 
 EVENT_FILE_MARK = "tfevents"
 TIME_TAGS = ("time/generation", "time/experience", "time/training")
@@ -362,6 +363,7 @@ def write_report(logdir: str, out_dir: str | None = None, smooth: float = 0.0) -
             pngs[group] = png
             result.png_paths[f"{run}/{group}"] = png
         md += _run_section(run, series, pngs, out_dir)
+    md += heldout_section(logdir)
     with open(md_path, "w", encoding="utf-8") as f:
         f.write("\n".join(md).rstrip() + "\n")
     return result

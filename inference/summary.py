@@ -1,7 +1,8 @@
 """What changed in a pipeline run, with numbers: `python -m inference.summary OUTPUT_DIR`.
 
 Reads the `summary.json` each stage writes into OUTPUT_DIR/step1, step2, step2_dpo (e2e_rlhf.py --step2-algo dpo)
-and step3 (whichever exist).
+and step3 (whichever exist), and inference.heldout's OUTPUT_DIR/heldout_eval.json (answers right by rule) when
+there is one.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from utils.options import opt, parse_config
-from utils.report_tables import before_after_table
+from utils.report_tables import HELDOUT_FILE, before_after_table, correctness_table
 
 
 def _load(path):
@@ -80,6 +81,9 @@ def summarize(out_dir: str) -> str:
     def load(run):
         return _load(os.path.join(out_dir, run, "summary.json"))
     lines = _step1(load("step1")) + _step2(load("step2")) + _dpo(load("step2_dpo")) + _step3(load("step3"))
+    held = _load(os.path.join(out_dir, HELDOUT_FILE))  # inference.heldout: base / step 1 / step 3, right by rule
+    if held and held.get("models"):
+        lines += ["", correctness_table(held)]
     return "\n".join(lines) if lines else f"no stage summaries under {out_dir}"
 
 

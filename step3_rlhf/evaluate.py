@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from utils.data.synthetic_check import check, is_synthetic
 from utils.rng import fork_rng
 
 
@@ -26,8 +27,14 @@ def evaluate_policy(maker, items, batch_size, seed):
                 kls.append(((exp.logprobs - exp.ref_logprobs) * exp.action_mask).sum(1).cpu())
             rows += [{"prompt": p, "response": r, "score": float(s)}
                      for p, r, s in zip(exp.prompts, exp.responses, exp.scores.tolist())]
+    for row in rows:  # a synthetic prompt has an exact answer: right or wrong by rule, whatever the reward says
+        if is_synthetic(row["prompt"]):
+            row["correct"] = check(row["prompt"], row["response"])
     maker.log.pop_timers()
     out = {"reward_mean": torch.cat(scores).mean().item(), "n": len(rows), "samples": rows}
+    graded = [row["correct"] for row in rows if "correct" in row]
+    if graded:
+        out["correct"], out["graded"] = sum(graded), len(graded)
     if kls:
         out["kl_mean"] = torch.cat(kls).mean().item()
     for name, chunks in parts.items():  # "reward/countdown" -> "countdown"
