@@ -1,6 +1,6 @@
 """Step 3's algorithms side by side on one Countdown workload, each for the same RL wall time.
 
-    python bench/countdown_algorithms.py [--budget_s 360] [--algos ppo,grpo,rloo,reinforce,reinforce_pp]
+    python bench/countdown_algorithms.py [--budget_s 480] [--algos ppo,grpo,rloo,reinforce,reinforce_pp]
     python bench/countdown_algorithms.py --heldout val --runs "lr1e-5=grpo --actor_learning_rate 1e-5" ...
 
 One step-1 warm start (SmolLM2-135M-Instruct on the project's own solver's solutions, as
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 
@@ -98,24 +99,48 @@ def rl_command(args, actor, paths, out, algo, extra):
 
 
 def run_one(args, actor, paths, work, label, algo, extra):
-    """One algorithm's run: its curves, throughput, peak RSS and held-out figures."""
+    """One algorithm's run: its curves, throughput, peak RSS and held-out figures. A finished run's result
+    (WORK/LABEL.result.json) is reused, so an interrupted bench resumes at the run it was in. Every run starts
+    from the same warm start and evaluates greedily, so the before-RL evaluation is the same for all: the first
+    run's eval_before.json is handed to the others (step 3 reads it instead of evaluating again)."""
+    done = os.path.join(work, f"{label}.result.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            return json.load(f)
     out = os.path.join(work, label)
-    seconds, rss = run_child(rl_command(args, actor, paths, out, algo, extra), os.path.join(work, f"{label}.log"))
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = rl_command(args, actor, paths, out, algo, extra)
+    shared_before = os.path.join(work, "eval_before.json")
+    if os.path.isfile(shared_before):
+        os.makedirs(out)
+        shutil.copy(shared_before, os.path.join(out, "eval_before.json"))
+        cmd.remove("--no_resume")  # a fresh directory: no checkpoint to resume, only the evaluation to read
+    seconds, rss = run_child(cmd, os.path.join(work, f"{label}.log"))
+    if not os.path.isfile(shared_before):
+        shutil.copy(os.path.join(out, "eval_before.json"), shared_before)
+    result = summarize_run(out, algo, extra, seconds, rss)
+    with open(done, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def summarize_run(out, algo, extra, seconds, rss):
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     history, before, after = summary["history"], summary["before"], summary["after"]
     step_seconds = [sum(v for k, v in h.items() if k.startswith("time/")) for h in history]
     # sampled sequences: 4 prompts x 8 a step, and 32 more per --dynamic_sampling refill round
     samples = sum(32 * (1 + h.get("dynamic_sampling/refill_rounds", 0)) for h in history)
-    curve = [(0, before["full_marks"]["countdown"])]
-    curve += [(i + 1, h["eval/countdown_full"]) for i, h in enumerate(history) if "eval/countdown_full" in h]
-    curve.append((len(history), after["full_marks"]["countdown"]))
+    r4 = lambda x: None if x is None else round(float(x), 4)  # noqa: E731  (float32 noise off the shares)
+    curve = [(0, r4(before["full_marks"]["countdown"]))]
+    curve += [(i + 1, r4(h["eval/countdown_full"])) for i, h in enumerate(history) if "eval/countdown_full" in h]
+    curve.append((len(history), r4(after["full_marks"]["countdown"])))
     return {"algo": algo, "flags": extra, "steps": len(history), "rl_seconds": round(sum(step_seconds), 1),
             "process_seconds": seconds, "peak_rss_mb": rss,
             "samples_per_second": round(samples / sum(step_seconds), 3),  # sampled and trained on
-            "heldout_accuracy_before": before["full_marks"]["countdown"],
-            "heldout_accuracy": after["full_marks"]["countdown"], "heldout_format_rate": after["full_marks"]["format"],
-            "heldout_accuracy_curve": curve, "kl_last": history[-1].get("kl/mean"),
+            "heldout_accuracy_before": curve[0][1], "heldout_accuracy": curve[-1][1],
+            "heldout_format_rate": r4(after["full_marks"]["format"]), "heldout_accuracy_curve": curve,
+            "kl_last": r4(history[-1].get("kl/mean")),
             "train_reward_curve": [round(h["reward/mean"], 4) for h in history],
             "train_countdown_curve": [round(h.get("reward/countdown", 0.0), 4) for h in history],
             "samples": [s for s in after["samples"][:3]]}
@@ -134,7 +159,7 @@ def plot(report, path):
             continue
         per_step = run["rl_seconds"] / max(run["steps"], 1)
         rewards = run["train_reward_curve"]
-        left.plot([per_step * (i + 1) for i in range(len(rewards))], rewards, label=label)
+        left.plot([per_step * (i + 1) for i in range(len(rewards))], rewards, marker=".", label=label)
         xs, ys = zip(*run["heldout_accuracy_curve"])
         right.plot([per_step * x for x in xs], ys, marker="o", label=label)
     left.set(title="training reward (countdown + 0.5 x format)", xlabel="RL seconds", ylabel="mean reward")
@@ -161,12 +186,12 @@ def main(argv=None):
     p.add_argument("--n_val", type=int, default=200, help="Validation slice: the last train tasks.")
     p.add_argument("--heldout", choices=["test", "val"], default="test")
     p.add_argument("--n_heldout", type=int, default=200, help="Held-out tasks scored for the curve.")
-    p.add_argument("--eval_interval", type=int, default=8, help="Steps between held-out evaluations.")
+    p.add_argument("--eval_interval", type=int, default=5, help="Steps between held-out evaluations.")
     p.add_argument("--eval_batch", type=int, default=50)
     p.add_argument("--algos", default=ALGOS)
     p.add_argument("--runs", nargs="*", default=[], help='"LABEL=ALGO [step-3 flags]" runs instead of --algos.')
-    p.add_argument("--budget_s", type=float, default=360, help="RL seconds per run (rollouts + updates).")
-    p.add_argument("--lr", type=float, default=1e-5, help="Actor (and critic) learning rate of every run.")
+    p.add_argument("--budget_s", type=float, default=480, help="RL seconds per run (rollouts + updates).")
+    p.add_argument("--lr", type=float, default=2e-5, help="Actor (and critic) learning rate of every run.")
     p.add_argument("--kl", type=float, default=0.001, help="KL weight: --beta, or --kl_ctl for ppo/reinforce_pp.")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=2)
@@ -178,7 +203,8 @@ def main(argv=None):
     paths = prepare(args, work)
     actor, sft_seconds = warm_start(args, paths, work)
     report = {"model": args.model, "warm_start": actor, "warm_start_seconds": sft_seconds,
-              "heldout": args.heldout, "n_heldout": args.n_heldout, "budget_s": args.budget_s, "lr": args.lr,
+              "heldout": args.heldout, "n_heldout": args.n_heldout, "eval_interval": args.eval_interval,
+              "budget_s": args.budget_s, "lr": args.lr,
               "kl": args.kl, "workload": "4 prompts x 8 samples a step, countdown + 0.5 x format, 128 new tokens",
               "cpu": _cpu(), "runs": {}}
     for label, algo, extra in runs_of(args):
