@@ -98,10 +98,13 @@ class _SamplingMaker:
 
     def __init__(self):
         self.log = types.SimpleNamespace(pop_timers=dict)
+        self.cfg = types.SimpleNamespace(eval_temperature=None)  # --eval_temperature unset: the run's sampling
+        self.rollout = types.SimpleNamespace(temperature=lambda value: contextlib.nullcontext())
 
     def make(self, rows, sample=False):
         scores = torch.rand(len(rows))
-        return types.SimpleNamespace(scores=scores, ref_logprobs=None, prompts=rows, responses=["r"] * len(rows))
+        return types.SimpleNamespace(scores=scores, ref_logprobs=None, prompts=rows, responses=["r"] * len(rows),
+                                     components={})
 
 
 def test_evaluation_leaves_the_training_stream_alone(monkeypatch):
