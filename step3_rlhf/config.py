@@ -154,7 +154,7 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
     reward_guard: float = opt(1e4, "Stop if a |reward| exceeds this (a broken reward model).")
     kl_guard: float = opt(100.0, "Stop if the mean KL exceeds this (a runaway policy).")
     eval_prompts: int = opt(32, "Held-out prompts for the before/after table (0 = none).")
-    eval_interval: int = opt(0, "Also evaluate the held-out prompts (greedy) every N steps: eval/reward and, per "
+    eval_interval: int = opt(0, "Also evaluate the held-out prompts every N steps (at --eval_temperature): eval/reward and, per "
                                 "rule, eval/<rule>_full (the share of answers with full marks: a correct "
                                 "Countdown equation, a well-formed answer) go to TensorBoard and summary.json's "
                                 "history - the learning curve on prompts the run never trains on (0 = before/after "

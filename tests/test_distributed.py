@@ -169,7 +169,9 @@ def test_rl_two_processes_zero3_prompts_of_every_length(algo, wide_model_dir, re
     """Prompts of 3 to 130 tokens, 3 length groups: each rank's batch pads differently. Before the ranks agreed
     on the grouping, one rank ran the critic while the other was still in the reference's second group."""
     out = str(tmp_path / algo)
-    per_algo = ["--num_generations", "2", "--per_device_generation_batch_size", "2"] if algo == "grpo" else \
+    # grpo also takes the per-step collectives of --max_train_seconds and a greedy mid-run evaluation per step
+    per_algo = ["--num_generations", "2", "--per_device_generation_batch_size", "2", "--eval_interval", "1",
+                "--eval_temperature", "0", "--max_train_seconds", "100000"] if algo == "grpo" else \
         ["--per_device_generation_batch_size", "4"]
     launch("step3_rlhf/main.py", [
         "--actor_model_name_or_path", wide_model_dir, "--critic_model_name_or_path", reward_dir, "--algo", algo,
@@ -179,7 +181,9 @@ def test_rl_two_processes_zero3_prompts_of_every_length(algo, wide_model_dir, re
         "1e-3", "--eval_prompts", "2", "--dtype", "fp32", "--threads", "1", "--disable_progress_bar", "--no_resume",
         "--collective_timeout", "60", *per_algo], timeout=600)
     with open(os.path.join(out, "summary.json")) as f:
-        assert json.load(f)["steps"] == 2
+        summary = json.load(f)
+    assert summary["steps"] == 2
+    assert ("eval/reward" in summary["history"][0]) == (algo == "grpo")
 
 
 SUPERVISED = {"step1_sft/main.py": ("1,0,0", "eval/loss"), "step2_reward_model/main.py": ("0,1,0", "eval/accuracy")}
