@@ -35,3 +35,12 @@ def test_cpu_without_bf16_never_probes(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
     monkeypatch.setattr("utils.models.cpu_has_fast_bf16", lambda: False)
     assert dtype_choice("auto", probe=lambda: 1 / 0, cuda=False)[0] == torch.float32
+
+
+def test_cache_key_tells_cpus_with_the_same_name_apart():
+    # Cloud VMs report "AMD EPYC" for AVX2-only and AVX-512-bf16 CPUs alike; one verdict must not serve both.
+    avx2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    bf16 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16\n"
+    assert dtype_probe.machine_key(avx2) != dtype_probe.machine_key(bf16)
+    assert dtype_probe.machine_key(avx2) == dtype_probe.machine_key(avx2 + avx2.replace(": 0", ": 1"))
+    assert dtype_probe.machine_key(bf16).startswith("AMD EPYC|avx2,avx512f,avx512_bf16|")

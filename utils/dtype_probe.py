@@ -3,7 +3,8 @@
 A CPU that reports bf16 support may still run bf16 matmuls slower than fp32 (e.g. avx512_bf16 without AMX:
 84 vs 135 GFLOP/s measured on one such machine), so the flag alone is not enough. A sub-second matmul probe
 times both once per machine; the rates are cached in RLHFKIT_CACHE (default ~/.cache/rlhfkit) under a key of
-the CPU model, the thread count and the torch version.
+the CPU model, its bf16-relevant ISA flags, the host name, the thread count and the torch version (a home folder
+shared by several machines, or a VM that moved to another CPU, probes again).
 """
 from __future__ import annotations
 
@@ -18,14 +19,27 @@ PROBE_SIZE = 512          # square matmul side: big enough to reach the kernels'
 PROBE_SECONDS = 0.2       # per dtype; two dtypes plus warm-up stay under a second
 
 
-def machine_key() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+# The ISA flags that decide which bf16 matmul kernels exist: cloud VMs often report only "AMD EPYC" as the model
+# name, for CPUs from AVX2-only (bf16 ~100x slower) to AMX, so the name alone would share one verdict among them.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni")
+
+
+def machine_key(cpuinfo: str | None = None) -> str:
+    """Cache key: CPU model name, its bf16-relevant ISA flags, host name, thread count, torch version."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())  # the first processor's entry
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    isa = ",".join(f for f in ISA_FLAGS if f in flags) or "-"
+    return f"{cpu}|{isa}|host={platform.node()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 
 def matmul_rates(size=PROBE_SIZE, seconds=PROBE_SECONDS) -> dict:
