@@ -183,7 +183,7 @@ def rm_argv(model_dir, data, out, *extra):
     return ["--model_name_or_path", model_dir, "--data_path", data, "--data_split", "0,1,0", "--output_dir", out,
             "--max_seq_len", "64", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
             "--learning_rate", "3e-3", "--dtype", "fp32", "--max_steps", "20", "--threads", "1",
-            "--disable_progress_bar", "--no_resume", *extra]
+            "--disable_progress_bar", "--no_resume", "--head_init_std", "0", *extra]
 
 
 @pytest.fixture(scope="module")
