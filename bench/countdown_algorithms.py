@@ -214,11 +214,16 @@ def main(argv=None):
             report["runs"][label] = {"algo": algo, "failed": str(err).strip().splitlines()[-1][:400]}
         print(f"[bench] {label}: {json.dumps({k: v for k, v in report['runs'][label].items() if 'curve' not in k and k != 'samples'})}",
               file=sys.stderr, flush=True)
+    publish(report, args.out, args.name, plot, t0)
+
+
+def publish(report, out, name, plot_fn, t0):
+    """Adds the bench's wall seconds, writes OUT/NAME.json and NAME.png (by plot_fn) and prints the JSON."""
     report["bench_seconds"] = round(time.time() - t0)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
-    plot(report, os.path.join(args.out, f"{args.name}.png"))
+    plot_fn(report, os.path.join(out, f"{name}.png"))
     print(json.dumps(report, indent=1))
 
 

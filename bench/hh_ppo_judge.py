@@ -34,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a busy 2-core box is ~50x
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+from bench.countdown_algorithms import publish  # noqa: E402  (bench_seconds, JSON + PNG, printed)
 from bench.countdown_r1 import run_child  # noqa: E402  (seconds and peak RSS of one child process)
 from bench.reward_model_bench import DATA_FILE, bootstrap_ci, read_jsonl, usable, write_jsonl  # noqa: E402
 
@@ -234,13 +235,7 @@ def main(argv=None):
             json.dump(answer_and_score(args, dirs, out), f)
     with open(scored_path) as f:
         scored = json.load(f)
-    report = report_of(args, out, timings, scored)
-    report["bench_seconds"] = round(time.time() - t0)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    plot(report, os.path.join(args.out, f"{args.name}.png"))
-    print(json.dumps(report, indent=1))
+    publish(report_of(args, out, timings, scored), args.out, args.name, plot, t0)
     return 0
 
 

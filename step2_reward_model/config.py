@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from utils.options import (DataOptions, DeepSpeedOptions, LoggingOptions, LoraOptions, ModelOptions, TrainOptions,
-                           check_common, opt)
+                           check_common, opt, restate)
 
 
 @dataclass
@@ -15,9 +15,9 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
     # Step 2's own defaults, chosen on a dev slice of hh pairs (bench/reward_model_bench.py --eval_on dev):
     # lr 5e-5 + a small random head + linear decay reached 0.655 there (0.634 on the test pairs; the shared
     # defaults 1e-5, zero head, cosine: 0.604). A zero head gives the body no gradient until it has grown.
-    learning_rate: float = opt(5e-5, "Peak learning rate (DeepSpeed-Chat's OPT step-2 scripts use 5e-5 too).", min=0)
-    lr_scheduler_type: str = opt("linear", "Learning-rate schedule.",
-                                 choices=["linear", "cosine", "constant", "constant_with_warmup"])
+    learning_rate: float = restate(TrainOptions, "learning_rate", 5e-5,
+                                   "Peak learning rate (DeepSpeed-Chat's OPT step-2 scripts use 5e-5 too).")
+    lr_scheduler_type: str = restate(TrainOptions, "lr_scheduler_type", "linear")
     center_coef: float = opt(0.0, "Weight of mean((r_c + r_r)^2), which keeps scores centred near 0 so a score's "
                                   "sign means something.")
     head_init_std: float = opt(0.02, "Std of the value head's initial weights (0 = zeros, so every pair starts "

@@ -33,6 +33,13 @@ def opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def restate(owner, name: str, default, help: str = ""):
+    """`owner`'s field `name` with another default (and help, if given), keeping its choices and range: how a
+    stage changes a shared default without copying the rest of the field."""
+    meta = dict(owner.__dataclass_fields__[name].metadata)
+    return opt(default, help or meta.pop("help"), **{k: v for k, v in meta.items() if k != "help"})
+
+
 @dataclass
 class DataOptions:
     # Which share of --data_split a stage trains on (0, 1, 2 for steps 1-3); each stage config sets it.
