@@ -25,11 +25,14 @@ import shutil
 import sys
 import time
 
+import numpy as np
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a busy 2-core box is ~50x slower with spinning OpenMP threads
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-from bench.countdown_r1 import run_child  # noqa: E402  (seconds and peak RSS of one child process)
+from bench.countdown_r1 import child, run_child  # noqa: E402  (a child process: its seconds and peak RSS)
+from bench.reward_model_bench import bootstrap_ci  # noqa: E402
 
 STEP1, STEP3 = os.path.join(REPO, "step1_sft", "main.py"), os.path.join(REPO, "step3_rlhf", "main.py")
 ALGOS = "ppo,grpo,rloo,reinforce,reinforce_pp"
@@ -129,8 +132,10 @@ def summarize_run(out, algo, extra, seconds, rss):
         summary = json.load(f)
     history, before, after = summary["history"], summary["before"], summary["after"]
     step_seconds = [sum(v for k, v in h.items() if k.startswith("time/")) for h in history]
-    # sampled sequences: 4 prompts x 8 a step, and 32 more per --dynamic_sampling refill round
-    samples = sum(32 * (1 + h.get("dynamic_sampling/refill_rounds", 0)) for h in history)
+    # sampled sequences: prompts x 8 a step (4 unless the run's flags say otherwise), as many again per
+    # --dynamic_sampling refill round; the last of repeated flags wins, as in step 3's parser
+    prompts = ([4] + [int(v) for k, v in zip(extra, extra[1:]) if k == "--per_device_generation_batch_size"])[-1]
+    samples = sum(prompts * 8 * (1 + h.get("dynamic_sampling/refill_rounds", 0)) for h in history)
     r4 = lambda x: None if x is None else round(float(x), 4)  # noqa: E731  (float32 noise off the shares)
     curve = [(0, r4(before["full_marks"]["countdown"]))]
     curve += [(i + 1, r4(h["eval/countdown_full"])) for i, h in enumerate(history) if "eval/countdown_full" in h]
@@ -195,6 +200,9 @@ def main(argv=None):
     p.add_argument("--kl", type=float, default=0.001, help="KL weight: --beta, or --kl_ctl for ppo/reinforce_pp.")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--test_after", type=int, default=0,
+                   help="After the runs, score the warm start and each final actor once on this many shared test "
+                        "tasks (use with --heldout val: choose on validation, then measure on test).")
     args = p.parse_args(argv)
 
     work = args.work_dir
@@ -205,7 +213,8 @@ def main(argv=None):
     report = {"model": args.model, "warm_start": actor, "warm_start_seconds": sft_seconds,
               "heldout": args.heldout, "n_heldout": args.n_heldout, "eval_interval": args.eval_interval,
               "budget_s": args.budget_s, "lr": args.lr,
-              "kl": args.kl, "workload": "4 prompts x 8 samples a step, countdown + 0.5 x format, 128 new tokens",
+              "kl": args.kl, "workload": "4 prompts x 8 samples a step unless a run's flags say otherwise, "
+                                         "countdown + 0.5 x format, 128 new tokens",
               "cpu": _cpu(), "runs": {}}
     for label, algo, extra in runs_of(args):
         try:
@@ -214,7 +223,45 @@ def main(argv=None):
             report["runs"][label] = {"algo": algo, "failed": str(err).strip().splitlines()[-1][:400]}
         print(f"[bench] {label}: {json.dumps({k: v for k, v in report['runs'][label].items() if 'curve' not in k and k != 'samples'})}",
               file=sys.stderr, flush=True)
+    if args.test_after:
+        report["test"] = test_once(args, actor, report["runs"], work)
     publish(report, args.out, args.name, plot, t0)
+
+
+# ---------------------------------------------------------------- the test tasks, once
+def test_once(args, actor, runs, work) -> dict:
+    """--test_after N: the warm start and each run's final actor answer the first N 3-number shared test tasks
+    greedily (128 new tokens, as step 3 renders and scores them), once, after the recipe was chosen on the
+    validation slice. Accuracy with its 95% interval, and each run's paired gain over the warm start (the same
+    tasks, so the bootstrap resamples tasks) with its interval. Each model's result is kept in work/ and reused."""
+    from step3_rlhf.tasks.countdown import load_countdown_jsonl
+    from step3_rlhf.warm_start import write_jsonl
+    tests = os.path.join(work, f"test_{args.test_after}.jsonl")
+    rows = [r for r in load_countdown_jsonl(os.path.join(args.data_dir, "countdown", "test.jsonl"))
+            if len(r["nums"]) == 3][:args.test_after]
+    write_jsonl(rows, tests)
+
+    def score(name, model):
+        out = os.path.join(work, f"test_{args.test_after}_{name}.json")
+        if not os.path.isfile(out):
+            run_child(child("eval", model, tests, out, args.eval_batch, 128, args.threads),
+                      os.path.join(work, f"test_{name}.log"))
+        with open(out) as f:
+            r = json.load(f)
+        flags = np.asarray(r["correct_per_task"], dtype=np.float64)
+        return flags, {"accuracy": round(r["accuracy"], 4), "accuracy_ci95": [round(x, 4) for x in bootstrap_ci(flags)],
+                       "format_rate": round(r["format_rate"], 4), "mean_response_tokens": round(r["mean_response_tokens"], 1)}
+
+    base_flags, result = score("warm_start", actor)
+    report = {"n": len(rows), "warm_start": result, "runs": {}}
+    for label, run in runs.items():
+        if "failed" in run:
+            continue
+        flags, result = score(label, os.path.join(work, label, "actor"))
+        gain = flags - base_flags
+        report["runs"][label] = {**result, "gain": round(float(gain.mean()), 4),
+                                 "gain_ci95": [round(x, 4) for x in bootstrap_ci(gain)]}
+    return report
 
 
 def publish(report, out, name, plot_fn, t0):

@@ -89,7 +89,8 @@ def phase_eval(model, tests, out, batch_size, max_new_tokens, threads):
                 samples.append({"nums": c["meta"]["nums"], "target": c["meta"]["target"], "response": text[:300]})
     n = len(fmt)
     result = {"n": n, "formatted": sum(fmt), "correct": sum(correct), "format_rate": sum(fmt) / n,
-              "accuracy": sum(correct) / n, "mean_response_tokens": sum(lengths) / n, "samples": samples}
+              "accuracy": sum(correct) / n, "mean_response_tokens": sum(lengths) / n, "samples": samples,
+              "correct_per_task": [int(c) for c in correct]}  # for paired comparisons of two models
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -1,0 +1,50 @@
+"""bench/countdown_algorithms.py: the once-only test measurement and the per-step sample count (no model runs)."""
+import json
+import os
+import types
+
+from bench import countdown_algorithms as bench
+
+
+def test_test_once_pairs_each_run_with_the_warm_start(tmp_path, monkeypatch):
+    data = tmp_path / "data" / "countdown"
+    data.mkdir(parents=True)
+    tasks = [{"target": 10 + i, "nums": [1, 2, 3]} for i in range(4)] + [{"target": 5, "nums": [1, 2, 3, 4]}]
+    (data / "test.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    flags = {"/ws": [1, 0, 0, 1], "r/actor": [1, 1, 0, 1]}  # per model: right on which of the 4 3-number tasks
+    seen = []
+
+    def fake_run_child(cmd, log_path):
+        model, tests, out = cmd[4], cmd[5], cmd[6]
+        seen.append(model)
+        assert sum(1 for _ in open(tests)) == 4  # the 4-number task is not a 3-number test task
+        c = flags["/ws" if model == "/ws" else "r/actor"]
+        with open(out, "w") as f:
+            json.dump({"accuracy": sum(c) / 4, "format_rate": 1.0, "mean_response_tokens": 50.0,
+                       "correct_per_task": c}, f)
+        return 1.0, 1
+
+    monkeypatch.setattr(bench, "run_child", fake_run_child)
+    args = types.SimpleNamespace(test_after=10, data_dir=str(tmp_path / "data"), eval_batch=2, threads=1)
+    work = tmp_path / "work"
+    work.mkdir()
+    runs = {"r": {"algo": "grpo"}, "broken": {"algo": "grpo", "failed": "x"}}
+    report = bench.test_once(args, "/ws", runs, str(work))
+    assert report["n"] == 4 and report["warm_start"]["accuracy"] == 0.5
+    r = report["runs"]["r"]
+    assert r["accuracy"] == 0.75 and r["gain"] == 0.25  # (0 + 1 + 0 + 0) / 4, by hand
+    assert r["gain_ci95"][0] <= 0.25 <= r["gain_ci95"][1] and "broken" not in report["runs"]
+    bench.test_once(args, "/ws", runs, str(work))  # a second call reads the kept results
+    assert seen == ["/ws", os.path.join(str(work), "r", "actor")]
+
+
+def test_samples_per_step_follow_the_runs_generation_batch(tmp_path):
+    history = [{"time/generation": 1.0, "reward/mean": 0.5, "dynamic_sampling/refill_rounds": 1},
+               {"time/generation": 1.0, "reward/mean": 0.5}]
+    summary = {"history": history, "before": {"full_marks": {"countdown": 0.2}},
+               "after": {"full_marks": {"countdown": 0.3, "format": 1.0}, "samples": []}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    flags = ["--per_device_generation_batch_size", "8"]
+    result = bench.summarize_run(str(tmp_path), "grpo", flags, 10.0, 100)
+    assert result["samples_per_second"] == (8 * 8 * 2 + 8 * 8) / 2.0  # a refill round samples a batch again
+    assert bench.summarize_run(str(tmp_path), "grpo", [], 10.0, 100)["samples_per_second"] == (32 * 2 + 32) / 2.0
