@@ -382,3 +382,14 @@ def test_rule_rewards_count_errors_instead_of_crashing():
     totals = rewards(["p", "p"], ["<answer>4</answer>", "<answer>4</answer>"], [{}, {"reference": "4"}])
     assert totals == [0.0, 1.0]
     assert rewards.errors == 3 and rewards.error_counts == {"gsm8k": 1, "boom": 2}
+
+
+def test_demo_reward_model_plus_synthetic_rule():
+    # step 3's demo preset: the reward model plus the synthetic tasks' rule check, weight 2
+    specs = parse_reward_specs(["model:/ckpt/rm", "utils.data.synthetic_check:rule_reward=2"])
+    rules, models = split_specs(specs)
+    assert models == [ModelRewardSpec("/ckpt/rm", 1.0)] and rules[0].weight == 2.0
+    chat = "<|im_start|>user\nWhat is 17 x 14?<|im_end|>\n<|im_start|>assistant\n"
+    scores = RuleRewards(rules)([chat, chat, "Tell me a story."], ["17 x 14 = 238.", "17 x 14 = 204.", "Once."],
+                                [{}, {}, {}])
+    assert scores == [2.0, 0.0, 0.0]  # right, wrong, and a prompt the rule cannot judge (counted as an error)

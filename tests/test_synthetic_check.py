@@ -3,7 +3,7 @@ import pytest
 
 from utils.data.rows import PreferenceRow
 from utils.data.synthetic import make_synthetic_preferences
-from utils.data.synthetic_check import check, expected_answer, is_synthetic, parse_task
+from utils.data.synthetic_check import check, expected_answer, is_synthetic, parse_task, rule_reward
 
 # prompt -> (hand-written right replies, hand-written wrong replies), one entry per generator template
 CASES = {
@@ -80,3 +80,12 @@ def test_prompt_forms_and_expected_answers():
     assert not is_synthetic("Tell me a story.") and expected_answer("What is the capital of Mars?") is None
     with pytest.raises(ValueError):
         check("Tell me a story.", "Once upon a time.")
+
+
+def test_rule_reward_scores_one_for_right_zero_for_wrong():
+    chat = "<|im_start|>user\nHow many grams are in 9 kilograms?<|im_end|>\n<|im_start|>assistant\n"
+    assert rule_reward(chat, "9 kilograms is 9000 grams.", {}) == 1.0
+    assert rule_reward(chat, "9 kilograms is 9 * 1000 = 900 grams.", {}) == 0.0  # the demo's liked wrong answer
+    with pytest.raises(ValueError):  # step 3's RuleRewards turns this into a logged 0
+        rule_reward("Tell me a story.", "Once upon a time.", {})
+

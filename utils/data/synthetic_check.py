@@ -9,6 +9,12 @@ right number / word / list must appear and nothing may conflict with it (another
 day), and a refusal, a rude or off-topic reply, or code-like text is wrong whatever it contains.
 
     expected_answer(prompt) -> str | None      check(prompt_or_row, response) -> bool
+
+Also a step-3 rule reward beside the reward model, which cannot check arithmetic (the demo's liked "9 kilograms
+is 900 grams"): ``--reward model:STEP2_DIR utils.data.synthetic_check:rule_reward=2``. Tried in the demo
+(2026-12-04, with a trial set whose rejected replies were half near misses): at weight 2 and the preset's 24 steps
+right answers stayed 7/32; at weight 3, lr 2e-5 and 48 steps the reward model's score rose (2.8 -> 3.8) while right
+answers fell 7 -> 5 - the rule did not outweigh a reward model that can be fooled, so the demo does not use it.
 """
 from __future__ import annotations
 
@@ -178,3 +184,10 @@ def check(prompt_or_row, response: str) -> bool:
         return False
     return _check_numeric(task, reply) if task.kind in ("arithmetic", "units", "letters", "sort") \
         else _check_words(task, reply)
+
+
+def rule_reward(prompt: str, response: str, meta: dict) -> float:
+    """Step 3's ``--reward utils.data.synthetic_check:rule_reward``: 1.0 for a reply right by :func:`check`, else 0.0.
+
+    Raises ValueError for a prompt that is not one of the synthetic templates (the rule cannot judge it)."""
+    return 1.0 if check(prompt, response) else 0.0
