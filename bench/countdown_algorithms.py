@@ -12,8 +12,10 @@ not counted). Held-out accuracy (greedy, 128 new tokens, the TinyZero score is 1
 taken before, every --eval_interval steps and after - the curve; the last point is the result.
 --heldout test scores the shared test tasks; --heldout val a validation slice carved off the END of the
 training tasks (disjoint from the warm-start and RL prompts), for choosing a recipe without looking at the
-test tasks. Each run is a child process, so its peak RSS is its own (os.wait4). Prints one JSON object and
-writes it with a PNG of the training reward and held-out accuracy curves to --out (default bench/results).
+test tasks; `--heldout val --test_after N` then scores the warm start and each final actor once on N shared
+test tasks, with each run's paired gain. Each run is a child process, so its peak RSS is its own (os.wait4).
+Prints one JSON object and writes it with a PNG of the training reward and held-out accuracy curves to --out
+(default bench/results).
 """
 from __future__ import annotations
 
