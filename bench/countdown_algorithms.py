@@ -251,8 +251,10 @@ def test_once(args, actor, runs, work) -> dict:
         with open(out) as f:
             r = json.load(f)
         flags = np.asarray(r["correct_per_task"], dtype=np.float64)
-        return flags, {"accuracy": round(r["accuracy"], 4), "accuracy_ci95": [round(x, 4) for x in bootstrap_ci(flags)],
-                       "format_rate": round(r["format_rate"], 4), "mean_response_tokens": round(r["mean_response_tokens"], 1)}
+        return flags, {"accuracy": round(r["accuracy"], 4),
+                       "accuracy_ci95": [round(x, 4) for x in bootstrap_ci(flags)],
+                       "format_rate": round(r["format_rate"], 4),
+                       "mean_response_tokens": round(r["mean_response_tokens"], 1)}
 
     base_flags, result = score("warm_start", actor)
     report = {"n": len(rows), "warm_start": result, "runs": {}}

@@ -88,10 +88,11 @@ def run_stage(name, cmd, out, work, timings):
     `timings` and work/timings.json, so a reused stage keeps the figures of the run that made it."""
     record = os.path.join(work, "timings.json")
     if os.path.isfile(os.path.join(out, "summary.json")):
+        kept = {}
         if os.path.isfile(record):
             with open(record) as f:
-                timings.setdefault(name, json.load(f).get(name, {"reused": out}))
-        timings.setdefault(name, {"reused": out})
+                kept = json.load(f)
+        timings.setdefault(name, kept.get(name, {"reused": out}))
         return
     print(f"[hh_judge] {name}: {shlex.join(cmd[1:4])} ...", file=sys.stderr, flush=True)
     seconds, rss = run_child(cmd + ["--output_dir", out, "--no_resume"], os.path.join(work, f"{name}.log"))

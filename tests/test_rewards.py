@@ -384,8 +384,8 @@ def test_rule_rewards_count_errors_instead_of_crashing():
     assert rewards.errors == 3 and rewards.error_counts == {"gsm8k": 1, "boom": 2}
 
 
-def test_demo_reward_model_plus_synthetic_rule():
-    # step 3's demo preset: the reward model plus the synthetic tasks' rule check, weight 2
+def test_reward_model_plus_synthetic_rule():
+    # a reward model beside the synthetic tasks' rule check at weight 2 (as tried in the demo)
     specs = parse_reward_specs(["model:/ckpt/rm", "utils.data.synthetic_check:rule_reward=2"])
     rules, models = split_specs(specs)
     assert models == [ModelRewardSpec("/ckpt/rm", 1.0)] and rules[0].weight == 2.0

@@ -88,4 +88,3 @@ def test_rule_reward_scores_one_for_right_zero_for_wrong():
     assert rule_reward(chat, "9 kilograms is 9 * 1000 = 900 grams.", {}) == 0.0  # the demo's liked wrong answer
     with pytest.raises(ValueError):  # step 3's RuleRewards turns this into a logged 0
         rule_reward("Tell me a story.", "Once upon a time.", {})
-
