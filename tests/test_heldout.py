@@ -161,3 +161,21 @@ def test_driver_runs_the_check_only_when_step1_wrote_a_model(tmp_path, monkeypat
     e2e_rlhf.heldout_check(str(tmp_path), "base-model")
     assert calls[0][1:] == ["-m", "inference.heldout", str(tmp_path), "--base", "base-model", "--quiet"]
     assert not (tmp_path / HELDOUT_FILE).exists()
+
+
+def test_reward_audit_by_hand():
+    """Right scores 0.25 (base), 1.0, 1.0 (step 1), 1.5, 1.0, 0.5 (step 3): median 1.0. Wrong: 0.5 and 2.0 (base),
+    -1.0 (step 1). Right-over-wrong pairs: vs 0.5 four wins and a tie (4.5), vs 2.0 none, vs -1.0 all six: 10.5/18."""
+    from utils.report_tables import reward_audit
+    audit = reward_audit(fake_result()["models"])
+    assert audit["liked_threshold"] == 1.0
+    assert audit["right_over_wrong"] == pytest.approx(10.5 / 18)
+    assert audit["wrong_liked"] == {"base": 1, "step 1": 0, "step 3": 0}  # only the garbage 'defCOBcookie' at 2.0
+    table = correctness_table(fake_result())
+    assert table.splitlines()[3].split()[-3:] == ["1", "0", "0"] and "58% of the time" in table
+    result = fake_result()
+    for part in result["models"].values():
+        for s in part["samples"]:
+            s["correct"] = True
+    assert reward_audit(result["models"]) is None  # nothing wrong: no audit, no row
+    assert "RM-liked" not in correctness_table(result)
