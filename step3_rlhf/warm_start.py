@@ -49,23 +49,30 @@ def sft_row(task_prompt: TaskPrompt, reply: str) -> dict:
     return {"prompt": [dict(m) for m in task_prompt.messages], "response": reply}
 
 
-def task_rows(task: Task, rows: list[dict], style: str = "chat") -> list[dict]:
-    """Warm-start rows for a task's rows; rows without a solution (the task raises ValueError) are left out."""
-    if task.solution is None:
+def task_rows(task: Task, rows: list[dict], style: str = "chat", trace: str = "direct", max_tries: int = 2,
+              seed: int = 1234) -> list[dict]:
+    """Warm-start rows for a task's rows; rows without a solution (the task raises ValueError) are left out.
+    trace "search" shows up to `max_tries` failed attempts before each solution (tasks with a search_solution)."""
+    solution = task.solution
+    if trace == "search":
+        if task.search_solution is None:
+            raise ValueError(f"task {task.name!r} has no search trace (--trace search)")
+        solution = lambda row: task.search_solution(row, max_tries, seed)  # noqa: E731
+    if solution is None:
         raise ValueError(f"task {task.name!r} has no warm-start solution text")
     out = []
     for row in rows:
         try:
-            reply = task.solution(row)
+            reply = solution(row)
         except ValueError:
             continue
         out.append(sft_row(task.prompt(row, style), reply))
     return out
 
 
-def countdown_rows(tasks: list[dict], style: str = "chat") -> list[dict]:
+def countdown_rows(tasks: list[dict], style: str = "chat", trace: str = "direct") -> list[dict]:
     """Rows for Countdown tasks `{target, nums}`; unsolvable tasks are left out."""
-    return task_rows(get_task("countdown"), tasks, style)
+    return task_rows(get_task("countdown"), tasks, style, trace)
 
 
 def rendering_matches(tokenizer, task_prompt: TaskPrompt, row: dict) -> bool:
@@ -81,7 +88,7 @@ def rendering_matches(tokenizer, task_prompt: TaskPrompt, row: dict) -> bool:
 
 
 def build_rows(task: str, data_path: str, n: int = 0, seed: int = 1234, num_count: int = 0,
-               style: str = "chat") -> list[dict]:
+               style: str = "chat", trace: str = "direct", max_tries: int = 2) -> list[dict]:
     """Read (or generate) tasks and return at most `n` warm-start rows (0 = all).
 
     `num_count` keeps only tasks of that size (Countdown: that many numbers; 0 = any)."""
@@ -94,7 +101,7 @@ def build_rows(task: str, data_path: str, n: int = 0, seed: int = 1234, num_coun
         rows = spec.generate(n or 2000, seed, num_count)
     else:
         rows = [r for r in spec.load(data_path) if not num_count or spec.size(r) == num_count]
-    return task_rows(spec, rows[:n] if n else rows, style)
+    return task_rows(spec, rows[:n] if n else rows, style, trace, max_tries, seed)
 
 
 @dataclass
@@ -109,12 +116,19 @@ class WarmStartConfig:
     prompt_style: str = opt("chat", "Must match step 3's --prompt_style (only chat can be rendered by step 1).",
                             choices=["chat"])
     tokenizer: str = opt("", "Check that step 1 and step 3 render the first row to the same prompt tokens.")
+    trace: str = opt("direct", "direct = the solution's steps only (a chain that always reaches the target); "
+                               "search = first up to --max_tries honest failed attempts, each ending 'not TARGET', "
+                               "then the solution (Countdown), so the model learns to check and try again.",
+                     choices=["direct", "search"])
+    max_tries: int = opt(2, "With --trace search: failed attempts shown before a solution (0 to this many, drawn "
+                            "per task).", min=0)
 
 
 def main(argv=None) -> int:
     args = parse_config(WarmStartConfig, argv, description=__doc__.split("\n\n")[0])
     try:
-        rows = build_rows(args.task, args.data_path, args.n, args.seed, args.num_count, args.prompt_style)
+        rows = build_rows(args.task, args.data_path, args.n, args.seed, args.num_count, args.prompt_style,
+                          args.trace, args.max_tries)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

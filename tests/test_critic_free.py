@@ -242,3 +242,33 @@ def test_gsm8k_warm_start_solution():
     answer = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 clips.\n#### 1,072"
     assert gsm8k_solution(answer) == ("<think> Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips. "
                                       "</think> <answer>1072</answer>")
+
+
+def test_search_trace_shows_honest_failed_attempts_then_the_solution():
+    import re
+    from fractions import Fraction
+
+    from step3_rlhf.tasks.countdown import countdown_reward, search_solution_text, solution_text
+    rows = build_rows("countdown", "generate", n=40, seed=5, num_count=3, trace="search", max_tries=2)
+    assert len(rows) == 40 and rows == build_rows("countdown", "generate", n=40, seed=5, num_count=3,
+                                                  trace="search", max_tries=2)  # same tasks, same text
+    n_failed = []
+    for row in rows:
+        task = re.search(r"numbers \[(.*?)\], create an equation that equals (\d+)", row["prompt"][-1]["content"])
+        nums, target = [int(x) for x in task.group(1).split(",")], int(task.group(2))
+        reply = row["response"]
+        assert countdown_reward(reply, target, nums) == 1.0
+        think = reply.split("</think>")[0]
+        for a, op, b, r in re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", think):  # every integer step is right
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b),
+                    "/": Fraction(int(a), int(b))}[op] == int(r), think
+        failed = re.findall(r"= (\d+), not (\d+)\.", think)
+        assert all(int(got) != target and int(t) == target for got, t in failed)
+        assert think.rstrip().endswith(f"That reaches {target} using each number once.")
+        n_failed.append(len(failed))
+    assert set(n_failed) == {0, 1, 2}  # 0..max_tries attempts, drawn per task
+    assert search_solution_text([95, 37, 4], 62, max_tries=0) == solution_text([95, 37, 4], 62)
+    from step3_rlhf.tasks import get_task
+    from step3_rlhf.warm_start import task_rows
+    with pytest.raises(ValueError, match="no search trace"):
+        task_rows(get_task("gsm8k"), [], trace="search")

@@ -40,7 +40,7 @@ from step3_rlhf.tasks.registry import Task, register
 from step3_rlhf.tasks.safe_arith import UnsafeExpression, safe_eval
 
 __all__ = ["COUNTDOWN_QUESTION", "countdown_prompt", "load_countdown_jsonl", "countdown_reward", "generate_tasks",
-           "solve", "solution_text", "TASK"]
+           "solve", "solution_text", "search_solution_text", "TASK"]
 
 COUNTDOWN_QUESTION = (
     "Using the numbers {nums}, create an equation that equals {target}. You can use basic arithmetic "
@@ -201,6 +201,49 @@ def solution_text(nums: list[int], target: int, include_think_open: bool = True)
     return f"{opening}{think} </think> <answer>{found.expr}</answer>"
 
 
+def _failed_try(nums: list[int], target: int, rng: random.Random) -> str | None:
+    """One honest wrong attempt: the numbers in a random order, combined left to right with random ops whose
+    results stay non-negative integers, every step computed exactly, ending ", not TARGET." None when the
+    draw hit the target or could not stay integral (the caller draws again)."""
+    order = [Fraction(int(n)) for n in nums]
+    rng.shuffle(order)
+    value, steps = order[0], []
+    for b in order[1:]:
+        ops = [op for op in "+-*/" if op != "/" or (b != 0 and (value / b).denominator == 1)]
+        op = rng.choice(ops)
+        left, right = (value, b) if op != "-" or value >= b else (b, value)
+        result = {"+": left + right, "-": left - right, "*": left * right, "/": left / right if right else None}[op]
+        steps.append(f"{_fmt(left)} {op} {_fmt(right)} = {_fmt(result)}.")
+        value = result
+    if value == target:
+        return None
+    return " ".join(steps)[:-1] + f", not {target}."
+
+
+def search_solution_text(nums: list[int], target: int, max_tries: int = 2, seed: int = 0,
+                         include_think_open: bool = True) -> str:
+    """Like :func:`solution_text`, but the think part first shows 0..``max_tries`` honest failed attempts
+    (``44 + 19 = 63. 63 - 35 = 28, not 31.``) before the solution: a warm start that checks its result
+    and tries again, where :func:`solution_text` teaches a single chain that always claims the target.
+    The attempts are drawn from a generator seeded by (seed, nums, target): the same task gives the same text."""
+    found = _solve_node(nums, target)
+    if found is None:
+        raise ValueError(f"no solution for nums={list(nums)} target={target}")
+    rng = random.Random(f"{seed}:{list(nums)}:{target}")
+    tries = []
+    for _ in range(rng.randint(0, max_tries)):
+        for _draw in range(20):
+            attempt = _failed_try(nums, target, rng)
+            if attempt is not None and attempt not in tries:
+                tries.append(attempt)
+                break
+    steps = " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in found.steps)
+    think = " ".join([f"I need to combine {', '.join(str(n) for n in nums)} to make {target}.", *tries, steps,
+                      f"That reaches {target} using each number once."])
+    opening = "<think> " if include_think_open else " "
+    return f"{opening}{think} </think> <answer>{found.expr}</answer>"
+
+
 # ---------------------------------------------------------------- generator
 
 
@@ -275,6 +318,7 @@ TASK = register(Task(
     load=load_countdown_jsonl,
     rewards={"countdown": lambda prompt, response, meta: countdown_reward(response, meta["target"], meta["nums"])},
     solution=lambda row: solution_text(row["nums"], row["target"], include_think_open=True),
+    search_solution=lambda row, max_tries, seed: search_solution_text(row["nums"], row["target"], max_tries, seed),
     source=_source,
     generate=lambda n, seed, size: generate_tasks(n, seed, num_count=(size, size) if size else (3, 4)),
     size=lambda row: len(row["nums"]),

@@ -28,7 +28,8 @@ class Task:
     * ``rewards``: rule name -> ``fn(prompt, response, meta)``; each name becomes a ``--reward`` rule that
       needs ``--task`` = this task.
     * ``solution(row)`` -> warm-start reply starting with ``<think>``; ValueError when there is none
-      (the row is skipped). None: no warm start.
+      (the row is skipped). None: no warm start. ``search_solution(row, max_tries, seed)``: the same with
+      failed attempts shown first (``warm_start.py --trace search``); None: the task has no such trace.
     * ``source(data_path, seed)`` -> ``(train rows, eval rows or None)`` for a ``--data_path`` that is not
       a local file (a generator spec, a Hub name), or None to read ``data_path`` with ``load``.
     * ``generate(n, seed, size)`` -> ``n`` generated rows (``size`` 0 = the task's mix), for
@@ -39,6 +40,7 @@ class Task:
     load: Callable[[str], list]
     rewards: dict = field(default_factory=dict)
     solution: Callable[[dict], str] | None = None
+    search_solution: Callable[[dict, int, int], str] | None = None
     source: Callable[[str, int], tuple | None] | None = None
     generate: Callable[[int, int, int], list] | None = None
     size: Callable[[dict], int] | None = None
