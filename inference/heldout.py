@@ -25,6 +25,9 @@ from utils.options import opt, parse_config
 from utils.report_tables import HELDOUT_FILE, correctness_table
 
 
+REFERENCE = "reference"  # the synthetic row's chosen (right) reply
+
+
 @dataclass
 class HeldoutConfig:
     output_dir: str = opt("", "The pipeline's output dir (step1/, step2/, step3/actor).", positional=True)
@@ -108,11 +111,16 @@ def evaluate(cfg: HeldoutConfig) -> dict:
         gc.collect()
         print(f"{label}: answered {len(rows)} held-out prompts ({path})", flush=True)
     reward_path = os.path.join(cfg.output_dir, "step2")
-    scores = _scores(reward_path, messages, answers, cfg) \
+    # the data set's right answer to each prompt is scored too, so a wrong answer can be set against it
+    scores = _scores(reward_path, messages, {**answers, REFERENCE: [row.chosen for row in rows]}, cfg) \
         if os.path.isfile(os.path.join(reward_path, "config.json")) else {}
+    models = {label: grade(rows, responses, scores.get(label)) for label, responses in answers.items()}
+    if scores:
+        for part in models.values():
+            for sample, ref in zip(part["samples"], scores[REFERENCE]):
+                sample["reference_score"] = float(ref)
     return {"prompts": len(rows), "decoding": f"greedy, at most {cfg.max_new_tokens} new tokens",
-            "reward_model": reward_path if scores else None,
-            "models": {label: grade(rows, responses, scores.get(label)) for label, responses in answers.items()}}
+            "reward_model": reward_path if scores else None, "models": models}
 
 
 def write_result(result: dict, output_dir: str) -> str:

@@ -164,16 +164,20 @@ def test_driver_runs_the_check_only_when_step1_wrote_a_model(tmp_path, monkeypat
 
 
 def test_reward_audit_by_hand():
-    """Right scores 0.25 (base), 1.0, 1.0 (step 1), 1.5, 1.0, 0.5 (step 3): median 1.0. Wrong: 0.5 and 2.0 (base),
-    -1.0 (step 1). Right-over-wrong pairs: vs 0.5 four wins and a tie (4.5), vs 2.0 none, vs -1.0 all six: 10.5/18."""
+    """Right scores 0.25 (base), 1.0, 1.0 (step 1), 1.5, 1.0, 0.5 (step 3); wrong: 0.5 and 2.0 (base), -1.0 (step 1).
+    Right-over-wrong pairs: vs 0.5 four wins and a tie (4.5), vs 2.0 none, vs -1.0 all six: 10.5/18. With the right
+    reference answers scored 1.0, 1.8, 0.0: base's 0.5 < 1.0 and 2.0 >= 1.8 are liked once, step 1's -1.0 < 0.0 not."""
     from utils.report_tables import reward_audit
-    audit = reward_audit(fake_result()["models"])
-    assert audit["liked_threshold"] == 1.0
-    assert audit["right_over_wrong"] == pytest.approx(10.5 / 18)
-    assert audit["wrong_liked"] == {"base": 1, "step 1": 0, "step 3": 0}  # only the garbage 'defCOBcookie' at 2.0
-    table = correctness_table(fake_result())
-    assert table.splitlines()[3].split()[-3:] == ["1", "0", "0"] and "58% of the time" in table
     result = fake_result()
+    audit = reward_audit(result["models"])
+    assert audit["right_over_wrong"] == pytest.approx(10.5 / 18) and audit["wrong_liked"] is None
+    assert "RM-liked" not in correctness_table(result) and "58% of the time" in correctness_table(result)
+    for part in result["models"].values():
+        for s, ref in zip(part["samples"], [1.0, 1.8, 0.0]):
+            s["reference_score"] = ref
+    assert reward_audit(result["models"])["wrong_liked"] == {"base": 1, "step 1": 0, "step 3": 0}
+    table = correctness_table(result)
+    assert table.splitlines()[3].split()[-3:] == ["1", "0", "0"] and "same prompt" in table
     for part in result["models"].values():
         for s in part["samples"]:
             s["correct"] = True

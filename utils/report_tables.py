@@ -54,10 +54,11 @@ def correctness_table(result, n_examples=3, width=60):
     if all(models[k]["reward_mean"] is not None for k in labels):
         lines.append(f"{'mean reward':24}" + "".join(f"{models[k]['reward_mean']:>16.4f}" for k in labels))
         audit = reward_audit(models)
-        if audit:
+        if audit and audit["wrong_liked"] is not None:
             lines.append(f"{'wrong, yet RM-liked':24}" + "".join(f"{audit['wrong_liked'][k]:>16}" for k in labels))
-            lines.append(f"(RM-liked = scored at least {audit['liked_threshold']:.3f}, the median score of the right "
-                         f"answers; the reward model ranks a right answer above a wrong one "
+            lines.append("(RM-liked = scored at least as high as the right answer to the same prompt)")
+        if audit:
+            lines.append(f"(over all these answers the reward model ranks a right one above a wrong one "
                          f"{audit['right_over_wrong']:.0%} of the time)")
     lines.append(f"({result['prompts']} held-out synthetic prompts no stage trained on, {result['decoding']}; "
                  "correct = checked by rule, not by the reward model)")
@@ -74,23 +75,24 @@ def correctness_table(result, n_examples=3, width=60):
 
 
 def reward_audit(models: dict) -> dict | None:
-    """How well the reward model tells right from wrong on the held-out answers of every model, pooled:
-    right_over_wrong = P(a right answer scores above a wrong one), ties half (the AUC); wrong_liked[label] =
-    that model's wrong answers scoring at least the median right answer (garbage the reward model likes).
-    None without scores or without both right and wrong answers."""
+    """How well the reward model tells right from wrong on the held-out answers of every model:
+    right_over_wrong = P(a right answer scores above a wrong one), pooled over the models, ties half (the AUC);
+    wrong_liked[label] = that model's wrong answers scoring at least the data set's right answer to the same
+    prompt (`reference_score`, inference.heldout) - garbage the reward model likes. None without scores or
+    without both right and wrong answers; wrong_liked is None without reference scores."""
     samples = [s for part in models.values() for s in part["samples"]]
     if not samples or any("score" not in s for s in samples):
         return None
-    right = sorted(s["score"] for s in samples if s["correct"])
+    right = [s["score"] for s in samples if s["correct"]]
     wrong = [s["score"] for s in samples if not s["correct"]]
     if not right or not wrong:
         return None
-    mid = len(right) // 2
-    threshold = right[mid] if len(right) % 2 else (right[mid - 1] + right[mid]) / 2
     wins = sum((r > w) + 0.5 * (r == w) for r in right for w in wrong)
-    return {"right_over_wrong": wins / (len(right) * len(wrong)), "liked_threshold": threshold,
-            "wrong_liked": {label: sum(1 for s in part["samples"] if not s["correct"] and s["score"] >= threshold)
-                            for label, part in models.items()}}
+    liked = None
+    if all("reference_score" in s for s in samples):
+        liked = {label: sum(1 for s in part["samples"] if not s["correct"] and s["score"] >= s["reference_score"])
+                 for label, part in models.items()}
+    return {"right_over_wrong": wins / (len(right) * len(wrong)), "wrong_liked": liked}
 
 
 def heldout_section(logdir: str) -> list[str]:
