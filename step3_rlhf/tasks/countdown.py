@@ -28,6 +28,7 @@ and compares floats within 1e-5 (``1 / 100001 + 5`` hits 5 for [1, 100001, 5]).
 """
 from __future__ import annotations
 
+import operator
 import random
 import re
 from fractions import Fraction
@@ -184,6 +185,11 @@ def solve(nums: list[int], target: int) -> str | None:
     return None if found is None else found.expr
 
 
+def _steps_text(node: _Node) -> str:
+    """A solution's operations in order: ``95 - 37 = 58. 58 + 4 = 62.``"""
+    return " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in node.steps)
+
+
 def solution_text(nums: list[int], target: int, include_think_open: bool = True) -> str:
     """R1-format warm-start answer: ``<think> steps </think> <answer>EQUATION</answer>``.
 
@@ -194,17 +200,19 @@ def solution_text(nums: list[int], target: int, include_think_open: bool = True)
     found = _solve_node(nums, target)
     if found is None:
         raise ValueError(f"no solution for nums={list(nums)} target={target}")
-    steps = " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in found.steps)
-    think = (f"I need to combine {', '.join(str(n) for n in nums)} to make {target}. {steps} "
+    think = (f"I need to combine {', '.join(str(n) for n in nums)} to make {target}. {_steps_text(found)} "
              f"That reaches {target} using each number once.").replace("  ", " ")
     opening = "<think> " if include_think_open else " "
     return f"{opening}{think} </think> <answer>{found.expr}</answer>"
 
 
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+
 def _failed_try(nums: list[int], target: int, rng: random.Random) -> str | None:
     """One honest wrong attempt: the numbers in a random order, combined left to right with random ops whose
-    results stay non-negative integers, every step computed exactly, ending ", not TARGET." None when the
-    draw hit the target or could not stay integral (the caller draws again)."""
+    results stay non-negative integers (a division only where it is exact), every step computed exactly, ending
+    ", not TARGET." None when the draw hit the target (the caller draws again)."""
     order = [Fraction(int(n)) for n in nums]
     rng.shuffle(order)
     value, steps = order[0], []
@@ -212,7 +220,7 @@ def _failed_try(nums: list[int], target: int, rng: random.Random) -> str | None:
         ops = [op for op in "+-*/" if op != "/" or (b != 0 and (value / b).denominator == 1)]
         op = rng.choice(ops)
         left, right = (value, b) if op != "-" or value >= b else (b, value)
-        result = {"+": left + right, "-": left - right, "*": left * right, "/": left / right if right else None}[op]
+        result = _OPS[op](left, right)  # only the chosen op runs: a 0 on the right is fine unless dividing
         steps.append(f"{_fmt(left)} {op} {_fmt(right)} = {_fmt(result)}.")
         value = result
     if value == target:
@@ -237,9 +245,8 @@ def search_solution_text(nums: list[int], target: int, max_tries: int = 2, seed:
             if attempt is not None and attempt not in tries:
                 tries.append(attempt)
                 break
-    steps = " ".join(f"{a} {op} {b} = {r}." for a, op, b, r in found.steps)
-    think = " ".join([f"I need to combine {', '.join(str(n) for n in nums)} to make {target}.", *tries, steps,
-                      f"That reaches {target} using each number once."])
+    think = " ".join([f"I need to combine {', '.join(str(n) for n in nums)} to make {target}.", *tries,
+                      _steps_text(found), f"That reaches {target} using each number once."])
     opening = "<think> " if include_think_open else " "
     return f"{opening}{think} </think> <answer>{found.expr}</answer>"
 
