@@ -10,6 +10,7 @@ import torch
 
 from step3_rlhf.algorithms import algorithm
 from step3_rlhf.experience import RewardFunction
+from step3_rlhf.rollout.hybrid_engine import hybrid_kernels_missing
 from step3_rlhf.tasks.rewards import RuleRewards, parse_reward_specs, split_specs
 from utils.engine import build_frozen_engine, build_train_engine
 from utils.lora import set_lora_enabled
@@ -26,6 +27,34 @@ class Engines:
     use_hybrid: bool = False
 
 
+def _build_actor(cfg, ctx, common, log):
+    """(actor engine, whether it is DeepSpeed's hybrid engine): only with --enable_hybrid_engine, on a GPU, for a
+    model its kernels can run (hybrid_kernels_missing, decided before the engine is built, so a refused
+    model gets a plain engine and the rollout backend any other run would get)."""
+    use_hybrid = cfg.enable_hybrid_engine and ctx.device.type == "cuda"
+    if cfg.enable_hybrid_engine and not use_hybrid:
+        log.info("--enable_hybrid_engine: DeepSpeed's inference kernels need a GPU; a plain engine instead (the "
+                 "generation backend line says who generates)")
+    actor = load_causal_lm(cfg.actor_model_name_or_path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
+                           attention=cfg.attn_implementation, fused_layers=cfg.fused_layers, dropout=cfg.actor_dropout,
+                           gradient_checkpointing=cfg.actor_gradient_checkpointing, lora_dim=cfg.actor_lora_dim,
+                           lora_alpha=cfg.lora_alpha, lora_module_name=cfg.actor_lora_module_name,
+                           lora_only=cfg.only_optimize_lora)
+    why_not = hybrid_kernels_missing(actor) if use_hybrid else None
+    if why_not:
+        log.info(f"--enable_hybrid_engine: {why_not}; a plain engine instead (the generation backend line says "
+                 "who generates)")
+        use_hybrid = False
+    engine = build_train_engine(
+        actor, lr=cfg.actor_learning_rate, weight_decay=cfg.actor_weight_decay, zero_stage=cfg.actor_zero_stage,
+        offload=cfg.offload, lora_lr=cfg.actor_lora_learning_rate if cfg.actor_lora_dim else None,
+        enable_hybrid_engine=use_hybrid, inference_tp_size=cfg.inference_tp_size,
+        release_inference_cache=cfg.release_inference_cache, pin_parameters=not cfg.unpin_actor_parameters,
+        tp_gather_partition_size=cfg.tp_gather_partition_size,
+        max_out_tokens=cfg.max_prompt_seq_len + cfg.max_answer_seq_len, **common)
+    return engine, use_hybrid
+
+
 def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engines:
     """`total_steps` / `critic_total_steps`: optimizer updates of the actor / critic, the length of their LR
     schedules (they differ with PTX, which adds an actor micro-step per micro-batch). The trained engines get
@@ -36,28 +65,12 @@ def build_engines(cfg, ctx, total_steps, log, critic_total_steps=None) -> Engine
     rule_specs, model_specs = split_specs(specs)
     if len(model_specs) > 1:
         raise ValueError("only one model: reward source is supported")
-    use_hybrid = cfg.enable_hybrid_engine and ctx.device.type == "cuda"
-    if cfg.enable_hybrid_engine and not use_hybrid:
-        log.info("--enable_hybrid_engine: DeepSpeed's inference kernels need a GPU; a plain engine instead (the "
-                 "generation backend line says who generates)")
     micro = cfg.per_device_training_batch_size
     common = dict(world_size=ctx.world_size, dtype=ctx.dtype, total_steps=total_steps,
                   warmup_steps=cfg.num_warmup_steps, scheduler=cfg.lr_scheduler_type,
                   grad_accum=cfg.gradient_accumulation_steps,
                   grad_clip=cfg.grad_clip, micro_batch=micro)
-
-    actor = load_causal_lm(cfg.actor_model_name_or_path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
-                           attention=cfg.attn_implementation, fused_layers=cfg.fused_layers, dropout=cfg.actor_dropout,
-                           gradient_checkpointing=cfg.actor_gradient_checkpointing, lora_dim=cfg.actor_lora_dim,
-                           lora_alpha=cfg.lora_alpha, lora_module_name=cfg.actor_lora_module_name,
-                           lora_only=cfg.only_optimize_lora)
-    actor_engine = build_train_engine(
-        actor, lr=cfg.actor_learning_rate, weight_decay=cfg.actor_weight_decay, zero_stage=cfg.actor_zero_stage,
-        offload=cfg.offload, lora_lr=cfg.actor_lora_learning_rate if cfg.actor_lora_dim else None,
-        enable_hybrid_engine=use_hybrid, inference_tp_size=cfg.inference_tp_size,
-        release_inference_cache=cfg.release_inference_cache, pin_parameters=not cfg.unpin_actor_parameters,
-        tp_gather_partition_size=cfg.tp_gather_partition_size,
-        max_out_tokens=cfg.max_prompt_seq_len + cfg.max_answer_seq_len, **common)
+    actor_engine, use_hybrid = _build_actor(cfg, ctx, common, log)
 
     # the trained models first: each one's optimizer set-up briefly holds zero gradients of its size, so
     # building the frozen models after them keeps that transient off their memory (a lower start-up peak)

@@ -15,7 +15,8 @@ from step3_rlhf.config import RLHFConfig
 from step3_rlhf.engines import build_engines
 from step3_rlhf.prompt_data import collate_prompts, load_prompts
 from step3_rlhf.rollout import build_rollout, choose_backend, planned_backend
-from step3_rlhf.rollout.hybrid_engine import hybrid_kernels_missing
+from step3_rlhf.rollout import hybrid_engine
+from step3_rlhf.rollout.hybrid_engine import grouped_query_reason, hybrid_kernels_missing, layer_contract_reason
 from step3_rlhf.experience_maker import ExperienceMaker
 from utils.data.synthetic import make_synthetic_preferences, write_jsonl
 from utils.models import load_tokenizer, unwrap
@@ -82,13 +83,24 @@ def _prompts(tok, n=4, width=10, seed=0):
     return ids.masked_fill(mask == 0, tok.pad_token_id), mask
 
 
+def _kernels_assumed_usable(mp):
+    """The stand-in engine runs no kernels, so the tiny Llama (grouped-query attention) may pass as a model
+    DeepSpeed's kernels could run, under any transformers: only the choice and the call order are under test."""
+    mp.setattr(hybrid_engine, "grouped_query_reason", lambda model: None)
+    mp.setattr(hybrid_engine, "layer_contract_reason", lambda model: None)
+
+
 # ----------------------------------------------------------------------------- the choice
 def test_backend_choice_and_its_reason(tiny_model_dir, tiny_tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     name, why = choose_backend(_cfg(), model)
-    assert name == "fast" and "not hybrid: needs --enable_hybrid_engine on a GPU" in why
+    assert name == "fast" and "not hybrid: no hybrid engine (--enable_hybrid_engine, on a GPU" in why
     assert choose_backend(_cfg(generation_backend="hf"), model) == ("hf", "--generation_backend hf")
-    assert choose_backend(_cfg(), model, use_hybrid=True)[0] == "hybrid"   # Llama: DeepSpeed has kernels
+    with pytest.MonkeyPatch.context() as mp:
+        _kernels_assumed_usable(mp)
+        assert choose_backend(_cfg(), model, use_hybrid=True)[0] == "hybrid"   # Llama: DeepSpeed has kernels
+    name, why = choose_backend(_cfg(), model, use_hybrid=True)  # ... but not for grouped-query attention
+    assert name == "hf" and "not hybrid: DeepSpeed's inference kernels assume one key/value head" in why
     name, why = choose_backend(_cfg(), model, synced_gpus=True)            # ZeRO-3 across processes
     assert name == "hf" and "not fast: ZeRO-3 across several processes" in why
     name, why = choose_backend(_cfg(generation_backend="fast"), model, use_hybrid=True)
@@ -104,7 +116,12 @@ def test_backend_choice_and_its_reason(tiny_model_dir, tiny_tokenizer):
 def test_the_plan_names_the_backend_before_any_weights_load(tiny_model_dir):
     cfg = _cfg(actor_model_name_or_path=tiny_model_dir, trust_remote_code=False)
     assert planned_backend(cfg)[0] == "fast"
-    assert planned_backend(_cfg(**{**vars(cfg), "enable_hybrid_engine": True}), device_type="cuda")[0] == "hybrid"
+    name, why = planned_backend(_cfg(**{**vars(cfg), "enable_hybrid_engine": True}), device_type="cuda")
+    assert name == "fast" and why.endswith("(DeepSpeed's inference kernels assume one key/value head per query "
+                                           "head; this model has 2 for 4 (grouped-query attention))")
+    with pytest.MonkeyPatch.context() as mp:
+        _kernels_assumed_usable(mp)
+        assert planned_backend(_cfg(**{**vars(cfg), "enable_hybrid_engine": True}), device_type="cuda")[0] == "hybrid"
     name, why = planned_backend(_cfg(**{**vars(cfg), "actor_zero_stage": 3}))
     assert name == "hf" and "ZeRO-3 partitioned parameters" in why
 
@@ -124,7 +141,39 @@ def test_a_family_without_hybrid_kernels_falls_back_to_generate(tiny_tokenizer):
     # a built DeepSpeedHybridEngine answers from its own inference containers
     built = SimpleNamespace(module=engine.module, _inference_containers=[])
     assert "no inference kernels" in hybrid_kernels_missing(built)
-    assert hybrid_kernels_missing(SimpleNamespace(module=engine.module, _inference_containers=[object()])) is None
+    with pytest.MonkeyPatch.context() as mp:
+        _kernels_assumed_usable(mp)
+        assert hybrid_kernels_missing(SimpleNamespace(module=engine.module, _inference_containers=[object()])) is None
+
+
+class _TupleContractModel(torch.nn.Module):
+    """A model whose forward reads a tuple from each layer (the contract DeepSpeed's layers keep)."""
+
+    def forward(self, hidden_states, decoder_layer):
+        layer_outputs = decoder_layer(hidden_states)
+        return layer_outputs[0]
+
+
+class _TensorContractModel(torch.nn.Module):
+    """A model whose forward takes each layer's return value as the hidden states (newer transformers)."""
+
+    def forward(self, hidden_states, decoder_layer):
+        hidden_states = decoder_layer(hidden_states)
+        return hidden_states
+
+
+def test_what_the_hybrid_kernels_get_wrong_is_found_before_an_engine_is_built():
+    # measured on an H200 (bench/gpu_check.py): grouped-query attention ends the process with a CUDA
+    # misaligned-address error; a layer caller that expects a tensor fails on DeepSpeed's tuple
+    assert layer_contract_reason(_TupleContractModel()) is None
+    assert "return a tuple" in layer_contract_reason(_TensorContractModel())
+    gqa = SimpleNamespace(config=SimpleNamespace(num_attention_heads=9, num_key_value_heads=3))
+    assert grouped_query_reason(gqa) == ("DeepSpeed's inference kernels assume one key/value head per query head; "
+                                         "this model has 3 for 9 (grouped-query attention)")
+    for config in (SimpleNamespace(num_attention_heads=8, num_key_value_heads=8),
+                   SimpleNamespace(num_attention_heads=8, num_key_value_heads=None),  # older configs: MHA
+                   SimpleNamespace(num_attention_heads=8)):
+        assert grouped_query_reason(SimpleNamespace(config=config)) is None
 
 
 def test_config_refuses_what_the_hybrid_engine_gets_wrong(tiny_model_dir, capsys):
@@ -154,7 +203,9 @@ def hybrid_maker(tiny_model_dir, tmp_path_factory):
     items, _ = load_prompts(cfg, tok, ctx.log)
     engines = build_engines(cfg, ctx, 10, ctx.log)  # on CPU a plain engine: the stand-in plays the hybrid one
     engines.actor, engines.use_hybrid = StandInEngine(unwrap(engines.actor)), True
-    maker = ExperienceMaker(cfg, engines, tok, ctx, functools.partial(collate_prompts, pad_id=tok.pad_token_id))
+    with pytest.MonkeyPatch.context() as mp:
+        _kernels_assumed_usable(mp)
+        maker = ExperienceMaker(cfg, engines, tok, ctx, functools.partial(collate_prompts, pad_id=tok.pad_token_id))
     return maker, items
 
 

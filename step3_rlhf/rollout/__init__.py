@@ -11,7 +11,7 @@ from __future__ import annotations
 from step3_rlhf.rollout.base import Rollout, action_mask_from, actor_scoring_mode, eos_ids
 from step3_rlhf.rollout.decode_loop import FastRollout
 from step3_rlhf.rollout.hf_generate import HFRollout, ignored_generation_extras
-from step3_rlhf.rollout.hybrid_engine import HybridRollout
+from step3_rlhf.rollout.hybrid_engine import HybridRollout, hybrid_kernels_missing
 
 BACKENDS = {"fast": FastRollout, "hf": HFRollout, "hybrid": HybridRollout}
 # what --generation_backend auto tries, in order: DeepSpeed's kernels where enabled and able, then our loop
@@ -50,7 +50,10 @@ def planned_backend(cfg, device_type="cpu", world_size=1) -> tuple[str, str]:
     if cfg.actor_zero_stage == 3:
         next(model.parameters()).ds_id = 0  # the mark ZeRO-3 puts on the parameters it partitions
     use_hybrid = cfg.enable_hybrid_engine and device_type == "cuda"
-    return choose_backend(cfg, model, use_hybrid, cfg.actor_zero_stage == 3 and world_size > 1)
+    kernels_missing = hybrid_kernels_missing(model) if use_hybrid else None  # then engines.py builds a plain one
+    name, why = choose_backend(cfg, model, use_hybrid and not kernels_missing,
+                               cfg.actor_zero_stage == 3 and world_size > 1)
+    return name, why + (f" ({kernels_missing})" if kernels_missing else "")
 
 
 def build_rollout(cfg, actor, tokenizer, ctx=None, log=None, use_hybrid=None) -> Rollout:

@@ -8,14 +8,21 @@ log-prob forward after an engine `eval()` would run the inference kernels (old l
 update's new ones before any step). So generation ends with `engine.train()`, and the log-prob forwards put
 the actor in `actor_scoring_mode` (engine.train() + the module's eval()) rather than `engine.eval()`.
 
-Families without a DeepSpeed inference policy (Qwen2, Mistral, Gemma, ...): the engine builds no inference
-containers, never sets its `_generate`, and its `generate` fails with an AttributeError on first use. That is
-detected before the first rollout (`hybrid_kernels_missing`), and build_rollout falls back to the hf backend
-with a one-line notice.
+Where the kernels cannot generate, `hybrid_kernels_missing` says why before any engine is built, and step 3
+builds a plain engine instead (one line in the log; the rollout backend is then chosen as without the flag).
+Measured on an H200 (DeepSpeed 0.19.8, transformers 5.17, bench/gpu_check.py):
+  - families without a DeepSpeed inference policy (Qwen2, Mistral, Gemma; OPT in transformers' Cache-based
+    layers): no inference containers, and the engine's `generate` fails with an AttributeError (no `_generate`);
+  - grouped-query attention (SmolLM2, Llama-3: fewer key/value heads than query heads): the LLaMA kernels
+    assume one per query head and fail with "CUDA error: misaligned address", which ends the process;
+  - layers whose caller takes the return value as the hidden states (`hidden_states = decoder_layer(...)`,
+    transformers' code since about 4.54): DeepSpeed's layers return a tuple, and generation fails with
+    "'tuple' object has no attribute 'size'".
 """
 from __future__ import annotations
 
 import inspect
+import re
 
 from step3_rlhf.rollout.hf_generate import HFRollout
 from utils.models import unwrap
@@ -39,11 +46,40 @@ def _policy_layer_classes() -> dict:
     return found
 
 
-def hybrid_kernels_missing(actor) -> str | None:
-    """None where DeepSpeed's hybrid engine has inference kernels for the actor's layers, else why not.
+def grouped_query_reason(model) -> str | None:
+    """Why DeepSpeed's kernels cannot run a model with fewer key/value heads than query heads, else None."""
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads and kv_heads != heads:
+        return (f"DeepSpeed's inference kernels assume one key/value head per query head; this model has {kv_heads} "
+                f"for {heads} (grouped-query attention)")
+    return None
 
-    A built DeepSpeedHybridEngine says itself (its inference containers); otherwise (before the engine is
-    built, or a stand-in) the layer classes are looked up in DeepSpeed's policy map. The same on every rank."""
+
+_TENSOR_CONTRACT = re.compile(r"hidden_states\s*=\s*decoder_layer\(")
+
+
+def layer_contract_reason(model) -> str | None:
+    """Why DeepSpeed's layers cannot stand in for the model's, else None: its inference layers return a tuple,
+    and newer transformers code uses a layer's return value as the hidden states."""
+    for cls in {type(m) for m in model.modules()}:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            continue
+        if _TENSOR_CONTRACT.search(source):
+            return (f"{cls.__name__} takes its layers' return value as the hidden states (this transformers "
+                    "version), and DeepSpeed's inference layers return a tuple")
+    return None
+
+
+def hybrid_kernels_missing(actor) -> str | None:
+    """None where DeepSpeed's hybrid engine has inference kernels that can generate for the actor, else why not.
+
+    A built DeepSpeedHybridEngine says itself whether it has kernels (its inference containers); otherwise
+    (before the engine is built, or a stand-in) the layer classes are looked up in DeepSpeed's policy map.
+    Then the model is checked for what the kernels get wrong (module docstring). The same on every rank."""
     model = unwrap(actor)
     family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     containers = getattr(actor, "_inference_containers", None)
@@ -55,9 +91,9 @@ def hybrid_kernels_missing(actor) -> str | None:
         except ImportError as e:
             return f"DeepSpeed's inference policies cannot be loaded ({e})"
         found = any(type(m) in policies for m in model.modules())
-    if found:
-        return None
-    return f"DeepSpeed has no inference kernels for model type {family!r} (no policy for its layers)"
+    if not found:
+        return f"DeepSpeed has no inference kernels for model type {family!r} (no policy for its layers)"
+    return grouped_query_reason(model) or layer_contract_reason(model)
 
 
 class HybridRollout(HFRollout):
@@ -68,7 +104,7 @@ class HybridRollout(HFRollout):
     @staticmethod
     def why_not(actor, use_hybrid=False, synced_gpus=False):
         if not use_hybrid:
-            return "needs --enable_hybrid_engine on a GPU"
+            return "no hybrid engine (--enable_hybrid_engine, on a GPU, for a model its kernels can run)"
         return hybrid_kernels_missing(actor)
 
     def _generate_fn(self):
