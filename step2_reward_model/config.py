@@ -1,6 +1,6 @@
 """Step 2 (pairwise reward model) options: every default in one place, with its help text."""
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 from utils.options import (DataOptions, DeepSpeedOptions, LoggingOptions, LoraOptions, ModelOptions, TrainOptions,
                            check_common, opt, restate)
@@ -23,10 +23,18 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
     head_init_std: float = opt(0.02, "Std of the value head's initial weights (0 = zeros, so every pair starts "
                                      "at a tie and the loss is exactly log 2, but the body learns nothing until the "
                                      "head has grown).", min=0)
-    forward_chunk: int = opt(4, "Sequences per forward pass: a batch's 2B chosen+rejected sequences are sorted by "
-                                "length and run this many at a time, each chunk cut to its own longest, so short "
-                                "ones skip the longest one's padding (the loss and its one backward are the same; "
-                                "about 2x faster on CPU for hh-style data). 0 = one padded forward of the batch.", min=0)
+    forward_chunk: Optional[int] = opt(
+        None, "Sequences per forward pass: a batch's 2B chosen+rejected sequences are sorted by length and run this "
+        "many at a time, each chunk cut to its own longest, so short ones skip the longest one's padding (the loss "
+        "and its one backward are the same; about 2x faster on CPU for hh-style data). 0 = one padded forward of "
+        "the batch. Default: 4 on CPU; 0 on a GPU, as DeepSpeed-Chat (there each extra forward costs launches, and "
+        "under ZeRO-3 a gather of every weight, more than the padding saves).", min=0)
+
+    def chunk_for(self, device_type: str) -> int:
+        """--forward_chunk, or its default for the device the stage runs on."""
+        if self.forward_chunk is not None:
+            return self.forward_chunk
+        return 4 if device_type == "cpu" else 0
     head_learning_rate: float = opt(0.0, "Learning rate of the value head (0 = --learning_rate). With a zero head "
                                          "(--head_init_std 0) the body gets no gradient until the head has grown; a "
                                          "larger head rate (e.g. 1e-3) gets it learning sooner.", min=0)

@@ -153,7 +153,7 @@ def main(argv=None):
     def ev():
         start = time.perf_counter()
         eval_clock["scores"] = eval_pair_scores(engine, eval_set, collate, cfg.per_device_eval_batch_size,
-                                                ctx.device, cfg.forward_chunk, cfg.score_offset)
+                                                ctx.device, cfg.chunk_for(ctx.device.type), cfg.score_offset)
         eval_clock["seconds"] += time.perf_counter() - start
         return eval_metrics(eval_clock["scores"])
 
@@ -165,7 +165,7 @@ def main(argv=None):
 
     def step_fn(engine, batch):
         return reward_step(engine, {k: v.to(ctx.device) for k, v in batch.items()}, cfg.center_coef,
-                           cfg.forward_chunk, cfg.score_offset)
+                           cfg.chunk_for(ctx.device.type), cfg.score_offset)
 
     start = time.perf_counter()
     after, steps = train(cfg, engine, train_set, collate, step_fn, ev, ctx.log, ctx.rank, ctx.world_size,

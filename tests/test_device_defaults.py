@@ -123,3 +123,17 @@ def test_evaluation_leaves_the_training_stream_alone(monkeypatch):
     monkeypatch.setattr(torch, "manual_seed", lambda seed: None)
     evaluate_policy(_SamplingMaker(), ["a"], 1, seed=1)
     assert forked == [[1]]
+
+
+# ---------------------------------------------------------------- step 2's forward chunks
+
+
+def test_reward_forward_chunks_on_cpu_one_forward_on_gpu():
+    # on an H200 (bench/gpu_check.py) a step-2 step of 16 pairs in chunks of 4 took 1.0-3.1 s (ZeRO-2), 4-7 s
+    # (ZeRO-3), against 0.25 s for a step-1 step of 16 sequences in one forward
+    from step2_reward_model.config import RewardConfig
+    from utils.options import parse_config
+    auto = parse_config(RewardConfig, ["--model_name_or_path", "m"])
+    assert auto.forward_chunk is None and auto.chunk_for("cpu") == 4 and auto.chunk_for("cuda") == 0
+    asked = parse_config(RewardConfig, ["--model_name_or_path", "m", "--forward_chunk", "8"])
+    assert asked.chunk_for("cpu") == 8 and asked.chunk_for("cuda") == 8
