@@ -15,6 +15,10 @@ model, their samples' mean log-prob matches generate()'s (up to sampling noise) 
 most tokens (bf16 kernels round differently, so a late divergence is expected).
 
   python bench/gpu_check.py --tokenizer DIR --work_dir /tmp/gpu_check --out gpu_check.json [--budget_s 480]
+
+DIR holds SmolLM2-135M-Instruct's tokenizer files and config.json (the converted model's folder minus its weights,
+3.5 MB). On a machine without DeepSpeed, install a `DS_BUILD_OPS=0 pip wheel deepspeed` wheel with hjson and
+pydantic first (its kernels compile there on first use; TORCH_CUDA_ARCH_LIST=9.0 keeps that to one target).
 """
 from __future__ import annotations
 
