@@ -29,12 +29,6 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
         "and its one backward are the same; about 2x faster on CPU for hh-style data). 0 = one padded forward of "
         "the batch. Default: 4 on CPU; 0 on a GPU, as DeepSpeed-Chat (there each extra forward costs launches, and "
         "under ZeRO-3 a gather of every weight, more than the padding saves).", min=0)
-
-    def chunk_for(self, device_type: str) -> int:
-        """--forward_chunk, or its default for the device the stage runs on."""
-        if self.forward_chunk is not None:
-            return self.forward_chunk
-        return 4 if device_type == "cpu" else 0
     head_learning_rate: float = opt(0.0, "Learning rate of the value head (0 = --learning_rate). With a zero head "
                                          "(--head_init_std 0) the body gets no gradient until the head has grown; a "
                                          "larger head rate (e.g. 1e-3) gets it learning sooner.", min=0)
@@ -48,6 +42,12 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
                              choices=["auto", "none"])
     eval_scores_path: str = opt("", "Also write every eval pair's chosen/rejected score here as JSON Lines.")
     compare_before: bool = opt(True, "Evaluate once before training so the summary shows before -> after.")
+
+    def chunk_for(self, device_type: str) -> int:
+        """--forward_chunk, or its default for the device the stage runs on."""
+        if self.forward_chunk is not None:
+            return self.forward_chunk
+        return 4 if device_type == "cpu" else 0
 
     def validate(self):
         check_common(self)

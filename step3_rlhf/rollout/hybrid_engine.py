@@ -16,7 +16,7 @@ Measured on an H200 (DeepSpeed 0.19.8, transformers 5.17, bench/gpu_check.py):
   - grouped-query attention (SmolLM2, Llama-3: fewer key/value heads than query heads): the LLaMA kernels
     assume one per query head and fail with "CUDA error: misaligned address", which ends the process;
   - layers whose caller takes the return value as the hidden states (`hidden_states = decoder_layer(...)`,
-    transformers' code since about 4.54): DeepSpeed's layers return a tuple, and generation fails with
+    transformers 5 does): DeepSpeed's layers return a tuple, and generation fails with
     "'tuple' object has no attribute 'size'".
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ _TENSOR_CONTRACT = re.compile(r"hidden_states\s*=\s*decoder_layer\(")
 def layer_contract_reason(model) -> str | None:
     """Why DeepSpeed's layers cannot stand in for the model's, else None: its inference layers return a tuple,
     and newer transformers code uses a layer's return value as the hidden states."""
-    for cls in {type(m) for m in model.modules()}:
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: c.__qualname__):  # one message everywhere
         try:
             source = inspect.getsource(cls.forward)
         except (OSError, TypeError):
