@@ -87,7 +87,9 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
     temperature: float = opt(1.0, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling.")
     top_k: int = opt(0, "Top-k sampling (0 = off).")
-    enable_hybrid_engine: bool = opt(False, "DeepSpeed's hybrid engine for generation (GPU, supported models).")
+    enable_hybrid_engine: bool = opt(False, "DeepSpeed's hybrid engine for generation (GPU, supported models). A model "
+                                     "its kernels cannot run (no policy, grouped-query attention, transformers 5's "
+                                     "layers) gets a plain engine, with the reason logged at start.")
     inference_tp_size: int = opt(1, "Hybrid engine tensor-parallel size.", min=1)
     tp_gather_partition_size: int = opt(8, "Hybrid engine: parameters gathered per partition.")
     release_inference_cache: bool = opt(False, "Hybrid engine: free the inference KV cache after generation.")
