@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--ppo_steps", type=int, default=8)
     p.add_argument("--rm_zero_stage", type=int, default=3)
     p.add_argument("--skip_fidelity", action="store_true", help="Only the stages (the fidelity check run before).")
+    p.add_argument("--rm_chunk_compare", action="store_true",
+                   help="Also run step 2 with --forward_chunk 4 (the CPU default), to time it against the GPU's 0.")
     p.add_argument("--fidelity", default="", help=argparse.SUPPRESS)  # internal: one model's fidelity check
     p.add_argument("--zero_stage", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--plain_only", action="store_true", help=argparse.SUPPRESS)  # CPU dry run of the check
@@ -254,11 +256,15 @@ def main(argv=None):
                                       "--num_warmup_steps", str(args.sft_steps // 10),
                                       "--max_steps", str(args.sft_steps),
                                       "--max_eval_samples", "64", "--zero_stage", "2", "--output_dir", s1] + data, s1),
-        (f"step2_zero{args.rm_zero_stage}", launcher() + [
-            "step2_reward_model/main.py", "--model_name_or_path", s1, "--max_seq_len", "128",
-            "--per_device_train_batch_size", "16", "--learning_rate", "5e-5", "--max_steps", str(args.rm_steps),
-            "--zero_stage", str(args.rm_zero_stage), "--output_dir", s2] + data, s2),
     ]
+    step2 = ["step2_reward_model/main.py", "--model_name_or_path", s1, "--max_seq_len", "128",
+             "--per_device_train_batch_size", "16", "--learning_rate", "5e-5", "--max_steps", str(args.rm_steps),
+             "--zero_stage", str(args.rm_zero_stage)] + data
+    stages.append((f"step2_zero{args.rm_zero_stage}", launcher() + step2 + ["--output_dir", s2], s2))
+    if args.rm_chunk_compare:  # the CPU default's chunks of 4 against the GPU default (one forward per batch)
+        out = os.path.join(w, "step2_chunk4")
+        stages.append((f"step2_zero{args.rm_zero_stage}_chunk4",
+                       launcher() + step2 + ["--forward_chunk", "4", "--output_dir", out], out))
     ppo = ["step3_rlhf/main.py", "--actor_model_name_or_path", s1, "--critic_model_name_or_path", s2,
            "--max_prompt_seq_len", "96", "--max_answer_seq_len", "48", "--per_device_generation_batch_size", "32",
            "--per_device_training_batch_size", "16", "--actor_learning_rate", "1e-5", "--critic_learning_rate",
