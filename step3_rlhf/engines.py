@@ -31,20 +31,19 @@ def _build_actor(cfg, ctx, common, log):
     """(actor engine, whether it is DeepSpeed's hybrid engine): only with --enable_hybrid_engine, on a GPU, for a
     model its kernels can run (hybrid_kernels_missing, decided before the engine is built, so a refused
     model gets a plain engine and the rollout backend any other run would get)."""
-    use_hybrid = cfg.enable_hybrid_engine and ctx.device.type == "cuda"
-    if cfg.enable_hybrid_engine and not use_hybrid:
-        log.info("--enable_hybrid_engine: DeepSpeed's inference kernels need a GPU; a plain engine instead (the "
-                 "generation backend line says who generates)")
     actor = load_causal_lm(cfg.actor_model_name_or_path, dtype=ctx.dtype, trust_remote_code=cfg.trust_remote_code,
                            attention=cfg.attn_implementation, fused_layers=cfg.fused_layers, dropout=cfg.actor_dropout,
                            gradient_checkpointing=cfg.actor_gradient_checkpointing, lora_dim=cfg.actor_lora_dim,
                            lora_alpha=cfg.lora_alpha, lora_module_name=cfg.actor_lora_module_name,
                            lora_only=cfg.only_optimize_lora)
-    why_not = hybrid_kernels_missing(actor) if use_hybrid else None
-    if why_not:
-        log.info(f"--enable_hybrid_engine: {why_not}; a plain engine instead (the generation backend line says "
-                 "who generates)")
-        use_hybrid = False
+    use_hybrid = cfg.enable_hybrid_engine
+    if use_hybrid:
+        why_not = ("DeepSpeed's inference kernels need a GPU" if ctx.device.type != "cuda"
+                   else hybrid_kernels_missing(actor))
+        if why_not:
+            log.info(f"--enable_hybrid_engine: {why_not}; a plain engine instead (the generation backend line says "
+                     "who generates)")
+            use_hybrid = False
     engine = build_train_engine(
         actor, lr=cfg.actor_learning_rate, weight_decay=cfg.actor_weight_decay, zero_stage=cfg.actor_zero_stage,
         offload=cfg.offload, lora_lr=cfg.actor_lora_learning_rate if cfg.actor_lora_dim else None,
