@@ -26,6 +26,7 @@ SFT teaches precisely the text the step-3 rewards score. Only the chat style can
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ def task_rows(task: Task, rows: list[dict], style: str = "chat", trace: str = "d
     if trace == "search":
         if task.search_solution is None:
             raise ValueError(f"task {task.name!r} has no search trace (--trace search)")
-        solution = lambda row: task.search_solution(row, max_tries, seed)  # noqa: E731
+        solution = functools.partial(task.search_solution, max_tries=max_tries, seed=seed)
     if solution is None:
         raise ValueError(f"task {task.name!r} has no warm-start solution text")
     out = []

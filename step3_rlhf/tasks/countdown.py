@@ -197,11 +197,20 @@ def solution_text(nums: list[int], target: int, include_think_open: bool = True)
     ``95 - 37 = 58. 58 + 4 = 62.``). Pass ``include_think_open=False`` when the prompt already
     ends with ``<think>`` (the R1-Zero templates do). Raises ValueError if there is no solution.
     """
+    return _r1_reply(nums, target, _solved(nums, target), (), include_think_open)
+
+
+def _solved(nums: list[int], target: int) -> _Node:
     found = _solve_node(nums, target)
     if found is None:
         raise ValueError(f"no solution for nums={list(nums)} target={target}")
-    think = (f"I need to combine {', '.join(str(n) for n in nums)} to make {target}. {_steps_text(found)} "
-             f"That reaches {target} using each number once.").replace("  ", " ")
+    return found
+
+
+def _r1_reply(nums, target, found: _Node, tries, include_think_open: bool) -> str:
+    """The warm-start reply both traces share: the task, any failed attempts, the solution's steps, the answer."""
+    think = " ".join([f"I need to combine {', '.join(str(n) for n in nums)} to make {target}.", *tries,
+                      _steps_text(found), f"That reaches {target} using each number once."]).replace("  ", " ")
     opening = "<think> " if include_think_open else " "
     return f"{opening}{think} </think> <answer>{found.expr}</answer>"
 
@@ -234,9 +243,7 @@ def search_solution_text(nums: list[int], target: int, max_tries: int = 2, seed:
     (``44 + 19 = 63. 63 - 35 = 28, not 31.``) before the solution: a warm start that checks its result
     and tries again, where :func:`solution_text` teaches a single chain that always claims the target.
     The attempts are drawn from a generator seeded by (seed, nums, target): the same task gives the same text."""
-    found = _solve_node(nums, target)
-    if found is None:
-        raise ValueError(f"no solution for nums={list(nums)} target={target}")
+    found = _solved(nums, target)
     rng = random.Random(f"{seed}:{list(nums)}:{target}")
     tries = []
     for _ in range(rng.randint(0, max_tries)):
@@ -245,10 +252,7 @@ def search_solution_text(nums: list[int], target: int, max_tries: int = 2, seed:
             if attempt is not None and attempt not in tries:
                 tries.append(attempt)
                 break
-    think = " ".join([f"I need to combine {', '.join(str(n) for n in nums)} to make {target}.", *tries,
-                      _steps_text(found), f"That reaches {target} using each number once."])
-    opening = "<think> " if include_think_open else " "
-    return f"{opening}{think} </think> <answer>{found.expr}</answer>"
+    return _r1_reply(nums, target, found, tries, include_think_open)
 
 
 # ---------------------------------------------------------------- generator
