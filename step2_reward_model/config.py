@@ -37,6 +37,12 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
     score_offset: int = opt(0, "Where the score is read: 0 = the last non-pad token (the EOS / end-of-turn token "
                                "closing every reply); 1 = the token before it (the reply's last word).",
                             choices=[0, 1])
+    loss_positions: str = opt("score", "Where the pairwise loss -log sigmoid(chosen - rejected) is taken: score = "
+                                       "at the score token only; divergence = at every position from where the two "
+                                       "replies first differ to the end of the longer one, averaged (DeepSpeed-Chat's "
+                                       "RewardModel loss; a shorter reply's value is held at its score past its end; "
+                                       "on hh dev pairs 0.60 against 0.655 for score).",
+                              choices=["score", "divergence"])
     chat_template: str = opt("auto", "auto = the tokenizer's chat template when it has one; none = DeepSpeed-Chat's "
                                       "hh text (' Human: ... Assistant:') even for a chat model.",
                              choices=["auto", "none"])

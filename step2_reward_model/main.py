@@ -26,7 +26,8 @@ from utils.losses import gather_last, last_token_index  # noqa: E402
 from utils.models import TokenValues, load_tokenizer, load_value_model, save_hf_model, value_head  # noqa: E402
 from utils.options import ConfigError, parse_config  # noqa: E402
 from utils.phase import set_phase  # noqa: E402
-from utils.preference_losses import pairwise_accuracy, pairwise_outcomes, pairwise_reward_loss  # noqa: E402
+from utils.preference_losses import (center_penalty, divergence_pairwise_loss, pairwise_accuracy,  # noqa: E402
+                                     pairwise_outcomes, pairwise_reward_loss)
 from utils.plan import dry_run, supervised_plan  # noqa: E402
 from utils.stage import finish_stage, run_main, start_stage  # noqa: E402
 from utils.train_loop import rank_batches, steps_per_epoch, train  # noqa: E402
@@ -58,33 +59,47 @@ def freeze_lower_layers(model, n_layers):
     return n_layers
 
 
-def pair_scores(engine, batch, chunk=0, score_offset=0):
-    """Scores of the concatenated [chosen; rejected] batch -> (chosen [B], rejected [B]).
+def pair_values(engine, ids, mask, chunk=0):
+    """The value head's output at every position of the [chosen; rejected] batch, [2B, T].
 
     chunk > 0: the 2B sequences are sorted by length and run `chunk` at a time, each chunk cut to its own
     longest row, so short rows do not pay for the longest one's padding (the batch's loss and its one
-    backward are unchanged; only padding work is skipped). chunk = 0: one padded forward of the whole batch.
+    backward are unchanged; only padding work is skipped; the cut columns come back as 0, never read).
+    chunk = 0: one padded forward of the whole batch.
     """
-    ids, mask = batch["input_ids"], batch["attention_mask"]
     if chunk <= 0 or chunk >= ids.shape[0]:
-        scores = read_scores(engine(ids, mask), mask, score_offset)
+        return engine(ids, mask)
+    order = torch.argsort(mask.sum(-1), stable=True)
+    parts = []
+    for idx in order.split(chunk):
+        cols = mask[idx].any(0).nonzero().squeeze(-1)  # columns any row of the chunk uses (left or right pad)
+        lo, hi = int(cols.min()), int(cols.max()) + 1
+        values = engine(ids[idx, lo:hi], mask[idx, lo:hi])
+        parts.append(torch.nn.functional.pad(values, (lo, ids.shape[1] - hi)))
+    return torch.cat(parts)[torch.argsort(order)]  # back to batch order (indexing keeps the graph)
+
+
+def halves(x):
+    """(chosen half, rejected half) of a [chosen; rejected] batch tensor."""
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+def pair_scores(engine, batch, chunk=0, score_offset=0):
+    """Scores of the concatenated [chosen; rejected] batch -> (chosen [B], rejected [B])."""
+    mask = batch["attention_mask"]
+    return halves(read_scores(pair_values(engine, batch["input_ids"], mask, chunk), mask, score_offset))
+
+
+def reward_step(engine, batch, center_coef, chunk=0, score_offset=0, loss_positions="score"):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    values = pair_values(engine, ids, mask, chunk)
+    chosen, rejected = halves(read_scores(values, mask, score_offset))
+    if loss_positions == "divergence":  # DeepSpeed-Chat's: every position after the replies part
+        loss = divergence_pairwise_loss(*halves(values), *halves(ids), *halves(mask)) \
+            + center_penalty(chosen, rejected, center_coef)
     else:
-        order = torch.argsort(mask.sum(-1), stable=True)
-        parts = []
-        for idx in order.split(chunk):
-            sub_mask = mask[idx]
-            cols = sub_mask.any(0).nonzero().squeeze(-1)  # columns any row of the chunk uses (left or right pad)
-            lo, hi = int(cols.min()), int(cols.max()) + 1
-            sub_mask = sub_mask[:, lo:hi]
-            parts.append(read_scores(engine(ids[idx, lo:hi], sub_mask), sub_mask, score_offset))
-        scores = torch.cat(parts)[torch.argsort(order)]  # back to batch order (indexing keeps the graph)
-    half = scores.shape[0] // 2
-    return scores[:half], scores[half:]
-
-
-def reward_step(engine, batch, center_coef, chunk=0, score_offset=0):
-    chosen, rejected = pair_scores(engine, batch, chunk, score_offset)
-    loss = pairwise_reward_loss(chosen, rejected, center_coef)
+        loss = pairwise_reward_loss(chosen, rejected, center_coef)
     accuracy = pairwise_accuracy(chosen, rejected, tie=0.5)  # a tie counts half
     return loss, {"train/loss": loss.detach(), "train/accuracy": accuracy,
                   "train/chosen_score": chosen.mean().detach(), "train/rejected_score": rejected.mean().detach()}
@@ -165,7 +180,7 @@ def main(argv=None):
 
     def step_fn(engine, batch):
         return reward_step(engine, {k: v.to(ctx.device) for k, v in batch.items()}, cfg.center_coef,
-                           cfg.chunk_for(ctx.device.type), cfg.score_offset)
+                           cfg.chunk_for(ctx.device.type), cfg.score_offset, cfg.loss_positions)
 
     start = time.perf_counter()
     after, steps = train(cfg, engine, train_set, collate, step_fn, ev, ctx.log, ctx.rank, ctx.world_size,

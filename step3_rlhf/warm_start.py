@@ -71,9 +71,9 @@ def task_rows(task: Task, rows: list[dict], style: str = "chat", trace: str = "d
     return out
 
 
-def countdown_rows(tasks: list[dict], style: str = "chat", trace: str = "direct") -> list[dict]:
+def countdown_rows(tasks: list[dict], style: str = "chat", trace: str = "direct", max_tries: int = 2) -> list[dict]:
     """Rows for Countdown tasks `{target, nums}`; unsolvable tasks are left out."""
-    return task_rows(get_task("countdown"), tasks, style, trace)
+    return task_rows(get_task("countdown"), tasks, style, trace, max_tries)
 
 
 def rendering_matches(tokenizer, task_prompt: TaskPrompt, row: dict) -> bool:

@@ -268,6 +268,9 @@ def test_search_trace_shows_honest_failed_attempts_then_the_solution():
         n_failed.append(len(failed))
     assert set(n_failed) == {0, 1, 2}  # 0..max_tries attempts, drawn per task
     assert search_solution_text([95, 37, 4], 62, max_tries=0) == solution_text([95, 37, 4], 62)
+    tasks = [{"nums": [95, 37, 4], "target": 62}, {"nums": [44, 19, 35], "target": 98}] * 10
+    capped = [len(re.findall(r", not \d+\.", r["response"])) for r in countdown_rows(tasks, trace="search", max_tries=1)]
+    assert len(capped) == 20 and max(capped) == 1  # countdown_rows passes the cap on
     from step3_rlhf.tasks import get_task
     from step3_rlhf.warm_start import task_rows
     with pytest.raises(ValueError, match="no search trace"):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from utils.preference_losses import (dpo_loss, implicit_rewards, pairwise_accuracy, pairwise_reward_loss,
-                                     sequence_logprobs)
+from utils.preference_losses import (divergence_pairwise_loss, dpo_loss, implicit_rewards, pairwise_accuracy,
+                                     pairwise_reward_loss, sequence_logprobs)
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 SIG = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
@@ -17,6 +17,32 @@ def close(a, b, atol=1e-6):
 
 
 # ----------------------------------------------------------------------------- reward model
+def test_divergence_loss_by_hand():
+    """DeepSpeed-Chat's loss: positions from the first difference to the end of the longer reply."""
+    L = lambda x: math.log(1 + math.exp(-x))  # noqa: E731  -log sigmoid(x)
+    # pair 0: prompt [5, 6], chosen reply [7, 8, 2] (length 5), rejected reply [9, 2] (length 4, 1 pad).
+    # They differ first at column 2; the longer ends at 5 -> columns 2, 3, 4. The rejected row's value is held
+    # at its last token (column 3, value 0.5) on column 4: diffs 1.0 - 0.0, 2.0 - 0.5, 3.0 - 0.5.
+    # pair 1: identical rows of length 3 (prompt [5], reply [7, 2]): only the last column, 1.5 - 1.5 = 0.
+    ids_c = torch.tensor([[5, 6, 7, 8, 2], [5, 7, 2, 0, 0]])
+    ids_r = torch.tensor([[5, 6, 9, 2, 0], [5, 7, 2, 0, 0]])
+    mask_c = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    mask_r = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    v_c = torch.tensor([[9.0, 9.0, 1.0, 2.0, 3.0], [9.0, 9.0, 1.5, 7.0, 7.0]], requires_grad=True)
+    v_r = torch.tensor([[9.0, 9.0, 0.0, 0.5, -8.0], [9.0, 9.0, 1.5, -7.0, -7.0]], requires_grad=True)
+    loss = divergence_pairwise_loss(v_c, v_r, ids_c, ids_r, mask_c, mask_r)
+    pair0 = (L(1.0) + L(1.5) + L(2.5)) / 3
+    pair1 = LN2
+    assert close(loss, (pair0 + pair1) / 2)
+    loss.backward()
+    # d/dx -log sigmoid(x) = -(1 - sigmoid(x)); pair 0 is averaged over 3 columns, the batch over 2 pairs
+    assert close(v_c.grad[0, 2], -(1 - SIG(1.0)) / 6)
+    assert close(v_c.grad[0, 0], 0.0) and close(v_r.grad[0, 4], 0.0)  # the shared prompt and padding: no gradient
+    # the held value (rejected column 3) gets the gradient of columns 3 and 4
+    assert close(v_r.grad[0, 3], ((1 - SIG(1.5)) + (1 - SIG(2.5))) / 6)
+    assert close(v_c.grad[1, 2], -0.5 / 2) and close(v_c.grad[1, 1], 0.0)
+
+
 def test_pairwise_loss_and_accuracy():
     c, r = torch.tensor([1.0]), torch.tensor([0.0])
     # -log sigmoid(1) = log(1 + e^-1) = 0.3132617

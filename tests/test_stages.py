@@ -223,6 +223,27 @@ def test_reward_model_reloads_with_the_trainers_scores(reward_run, tiny_model_di
     assert ours.std() > 0  # different texts, different scores: the comparison above is not 0 == 0
 
 
+def test_reward_loss_is_the_same_in_forward_chunks(reward_run):
+    """Chunked forwards (rows sorted by length, each chunk cut to its own width) give the loss of one padded
+    forward, for the score-token loss and for DeepSpeed-Chat's divergence loss, which reads every position."""
+    engine, _, out = reward_run
+    tok = load_tokenizer(out)
+    prompt = tok("please answer the question")["input_ids"]
+    replies = [("yes it is", "no"), ("the answer is good and long", "the answer is bad"), ("ok", "fine thanks")]
+    seqs = [prompt + tok(c)["input_ids"] for c, _ in replies] + [prompt + tok(r)["input_ids"] for _, r in replies]
+    ids, mask = pad_sequences(seqs, tok.pad_token_id)  # right padded, chosen half first
+    batch = {"input_ids": ids, "attention_mask": mask}
+    engine.eval()
+    with torch.no_grad():
+        for positions in ("score", "divergence"):
+            whole, _ = rm_main.reward_step(engine, batch, 0.0, chunk=0, loss_positions=positions)
+            chunked, _ = rm_main.reward_step(engine, batch, 0.0, chunk=4, loss_positions=positions)
+            assert torch.allclose(whole, chunked, atol=1e-5, rtol=0), positions
+        score, _ = rm_main.reward_step(engine, batch, 0.0, loss_positions="score")
+        divergence, _ = rm_main.reward_step(engine, batch, 0.0, loss_positions="divergence")
+    assert abs(float(score) - float(divergence)) > 1e-4  # the two losses do read different positions
+
+
 def test_reward_score_is_the_same_left_or_right_padded(reward_run):
     _, _, out = reward_run
     model = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()

@@ -26,10 +26,36 @@ def pairwise_reward_loss(chosen_scores, rejected_scores, center_coef=0.0):
     The centering term only penalises c + r, so the preference margin is untouched while scores
     are kept near 0 (reward models are otherwise free to drift by any constant).
     """
-    loss = -F.logsigmoid(chosen_scores - rejected_scores).mean()
-    if center_coef:
-        loss = loss + center_coef * ((chosen_scores + rejected_scores) ** 2).mean()
-    return loss
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean() + center_penalty(chosen_scores, rejected_scores,
+                                                                                   center_coef)
+
+
+def center_penalty(chosen_scores, rejected_scores, center_coef):
+    """center_coef * mean((c + r)^2): keeps the scores near 0 without touching their margin (0 when the coef is)."""
+    return center_coef * ((chosen_scores + rejected_scores) ** 2).mean() if center_coef else 0.0
+
+
+def divergence_pairwise_loss(chosen_values, rejected_values, chosen_ids, rejected_ids, chosen_mask,
+                             rejected_mask):
+    """DeepSpeed-Chat's reward-model loss: -log sigmoid(v_c(t) - v_r(t)) averaged over every position t from
+    where the two sequences first differ to the end of the longer one, then over the pairs.
+
+    values/ids/mask [B, T], right-padded, a pair's chosen and rejected rows aligned at column 0 (they share the
+    prompt). Past its last token a sequence's value is held at its last one (its score): DeepSpeed-Chat reads
+    the model's values on padding tokens there, which depend on what the model does with padding. Identical
+    rows compare their last position only. Every reply position learns to predict the preference (a value
+    function's target), not only the one token the score is read from."""
+    B, T = chosen_values.shape
+    pos = torch.arange(T, device=chosen_values.device).expand(B, T)
+    len_c, len_r = chosen_mask.sum(-1), rejected_mask.sum(-1)
+    end = torch.maximum(len_c, len_r)
+    differs = (chosen_ids != rejected_ids) | (chosen_mask != rejected_mask)
+    first = torch.where(differs.any(-1), differs.int().argmax(-1), end - 1).clamp(max=end - 1)
+    span = (pos >= first.unsqueeze(-1)) & (pos < end.unsqueeze(-1))
+    held_c = chosen_values.gather(-1, torch.minimum(pos, (len_c - 1).clamp(min=0).unsqueeze(-1)))
+    held_r = rejected_values.gather(-1, torch.minimum(pos, (len_r - 1).clamp(min=0).unsqueeze(-1)))
+    per_pos = -F.logsigmoid(held_c.float() - held_r.float())
+    return (masked_sum(per_pos, span, dim=-1) / span.sum(-1).clamp(min=1)).mean()
 
 
 def pairwise_accuracy(chosen_scores, rejected_scores, tie=0.0):
