@@ -206,6 +206,8 @@ FLAG_CASES = [
     (1, S1 + ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1, got 0"),
     (1, S1 + ["--learning_rate", "-0.1"], "--learning_rate must be >= 0, got -0.1"),
     (1, S1 + ["--max_steps", "5", "--num_warmup_steps", "10"], "--num_warmup_steps 10 is longer than --max_steps 5"),
+    (3, S3 + ["--lr_scheduler_type", "constant", "--num_warmup_steps", "4"],
+     "--num_warmup_steps 4 has no effect with --lr_scheduler_type constant: use constant_with_warmup"),
     (1, S1 + ["--eval_fraction", "1.5"], "--eval_fraction must be in [0, 1)"),
     (1, S1 + ["--save_total_limit", "0"], "--save_total_limit must be >= 1"),
     (1, S1 + ["--max_bad_steps", "0"], "--max_bad_steps must be >= 1"),

@@ -14,7 +14,7 @@ and the implicit reward of a reply, r(y) = beta * (log pi(y|x) - log pi_ref(y|x)
 import torch
 import torch.nn.functional as F
 
-from utils.losses import gather_logprobs, masked_sum
+from utils.losses import gather_logprobs, last_token_index, masked_sum
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "cdpo")
 
@@ -41,19 +41,19 @@ def divergence_pairwise_loss(chosen_values, rejected_values, chosen_ids, rejecte
     where the two sequences first differ to the end of the longer one, then over the pairs.
 
     values/ids/mask [B, T], right-padded, a pair's chosen and rejected rows aligned at column 0 (they share the
-    prompt). Past its last token a sequence's value is held at its last one (its score): DeepSpeed-Chat reads
+    prompt); a row's end is its last masked position (utils.losses.last_token_index). Past its last token a sequence's value is held at its last one (its score): DeepSpeed-Chat reads
     the model's values on padding tokens there, which depend on what the model does with padding. Identical
     rows compare their last position only. Every reply position learns to predict the preference (a value
     function's target), not only the one token the score is read from."""
     B, T = chosen_values.shape
     pos = torch.arange(T, device=chosen_values.device).expand(B, T)
-    len_c, len_r = chosen_mask.sum(-1), rejected_mask.sum(-1)
-    end = torch.maximum(len_c, len_r)
+    last_c, last_r = last_token_index(chosen_mask), last_token_index(rejected_mask)
+    end = torch.maximum(last_c, last_r) + 1
     differs = (chosen_ids != rejected_ids) | (chosen_mask != rejected_mask)
     first = torch.where(differs.any(-1), differs.int().argmax(-1), end - 1).clamp(max=end - 1)
     span = (pos >= first.unsqueeze(-1)) & (pos < end.unsqueeze(-1))
-    held_c = chosen_values.gather(-1, torch.minimum(pos, (len_c - 1).clamp(min=0).unsqueeze(-1)))
-    held_r = rejected_values.gather(-1, torch.minimum(pos, (len_r - 1).clamp(min=0).unsqueeze(-1)))
+    held_c = chosen_values.gather(-1, torch.minimum(pos, last_c.unsqueeze(-1)))
+    held_r = rejected_values.gather(-1, torch.minimum(pos, last_r.unsqueeze(-1)))
     per_pos = -F.logsigmoid(held_c.float() - held_r.float())
     return (masked_sum(per_pos, span, dim=-1) / span.sum(-1).clamp(min=1)).mean()
 
