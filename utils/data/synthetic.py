@@ -3,7 +3,7 @@
 Designed so a ~135M instruct model learns a visible preference in minutes: short templated tasks
 whose CHOSEN reply is correct, concise and polite ("17 + 25 = 42."), and whose REJECTED reply is one
 bad style drawn at random - a wrong answer (same polite form, so the model must learn correctness
-too), a refusal, a rude reply, rambling/repetition, or an off-topic reply. Every fact is computed
+too; half of them then trail off into chatter), a refusal, a rude reply, rambling/repetition, or an off-topic reply. Every fact is computed
 or taken from a fixed table, so answers are always consistent. Deterministic per seed; prompts are
 unique within a set.
 
@@ -128,10 +128,12 @@ FAMILIES = (_arithmetic, _units, _reverse, _sort, _capitals_letters, _greeting, 
             _letter_count, _next_day)
 
 
-def _bad_reply(rng, prompt: str, wrong: str) -> str:
+def _bad_reply(rng, prompt: str, wrong: str, chatter_rng) -> str:
     style = rng.choice(("wrong", "wrong", "refusal", "rude", "ramble", "off_topic"))
     if style == "wrong":
-        return wrong
+        # half trail off into chatter, the base model's habit: the demo's reward model, never shown such a reply
+        # rejected, scored "cookie" + a sentence about cookies above "COOKIE"
+        return f"{wrong} {chatter_rng.choice(OFF_TOPIC + FILLERS)}" if chatter_rng.random() < 0.5 else wrong
     if style == "refusal":
         return rng.choice(REFUSALS)
     if style == "rude":
@@ -145,6 +147,7 @@ def _bad_reply(rng, prompt: str, wrong: str) -> str:
 def make_synthetic_preferences(n: int, seed: int = 1234) -> list[PreferenceRow]:
     """n rows with unique prompts; raises ValueError if the task families cannot supply that many."""
     rng = random.Random(seed)
+    chatter_rng = random.Random(f"{seed}:chatter")  # its own stream: the prompts and chosen replies stay as they were
     rows, seen = [], set()
     attempts = 0
     while len(rows) < n:
@@ -154,7 +157,7 @@ def make_synthetic_preferences(n: int, seed: int = 1234) -> list[PreferenceRow]:
         prompt, chosen, wrong = rng.choice(FAMILIES)(rng)
         if prompt in seen:
             continue
-        rejected = _bad_reply(rng, prompt, wrong)
+        rejected = _bad_reply(rng, prompt, wrong, chatter_rng)
         if rejected == chosen:
             continue
         seen.add(prompt)
