@@ -88,3 +88,15 @@ def test_rule_reward_scores_one_for_right_zero_for_wrong():
     assert rule_reward(chat, "9 kilograms is 9 * 1000 = 900 grams.", {}) == 0.0  # the demo's liked wrong answer
     with pytest.raises(ValueError):  # step 3's RuleRewards turns this into a logged 0
         rule_reward("Tell me a story.", "Once upon a time.", {})
+
+
+def test_arithmetic_probe_pairs_are_unseen_and_graded_right():
+    # bench/reward_arithmetic_probe.py: each pair's right answer passes the rule, its near miss fails, and no
+    # prompt is one the demo's stages could have trained on
+    from bench.reward_arithmetic_probe import probe_pairs
+    avoid = {row.prompt[-1]["content"] for row in make_synthetic_preferences(300, seed=1234)}
+    pairs = probe_pairs(120, seed=5, avoid=avoid)
+    assert len({p["prompt"] for p in pairs}) == 120 and not avoid & {p["prompt"] for p in pairs}
+    assert {p["op"] for p in pairs} == {"+", "-", "*"}
+    for p in pairs:
+        assert check(p["prompt"], p["right"]) and not check(p["prompt"], p["wrong"]), p
