@@ -283,10 +283,10 @@ def check_common(cfg):
         if cfg.max_steps and cfg.num_warmup_steps > cfg.max_steps:
             raise ConfigError(f"--num_warmup_steps {cfg.num_warmup_steps} is longer than --max_steps "
                               f"{cfg.max_steps}: the learning rate would never reach its peak")
-    if getattr(cfg, "lr_scheduler_type", "") == "constant" and getattr(cfg, "num_warmup_steps", 0):
-        # HF's "constant" schedule takes no warm-up: the flag would be dropped without a word
-        raise ConfigError(f"--num_warmup_steps {cfg.num_warmup_steps} has no effect with --lr_scheduler_type "
-                          "constant: use constant_with_warmup")
+        if cfg.lr_scheduler_type == "constant" and cfg.num_warmup_steps:
+            # HF's "constant" schedule takes no warm-up: the flag would be dropped without a word
+            raise ConfigError(f"--num_warmup_steps {cfg.num_warmup_steps} has no effect with --lr_scheduler_type "
+                              "constant: use constant_with_warmup")
         if cfg.resume and cfg.no_resume:
             raise ConfigError("--resume and --no_resume contradict each other")
     model = getattr(cfg, "model_name_or_path", "")  # steps 1/2 write the final model into OUTPUT_DIR itself
