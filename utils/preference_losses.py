@@ -41,9 +41,10 @@ def divergence_pairwise_loss(chosen_values, rejected_values, chosen_ids, rejecte
     where the two sequences first differ to the end of the longer one, then over the pairs.
 
     values/ids/mask [B, T], right-padded, a pair's chosen and rejected rows aligned at column 0 (they share the
-    prompt); a row's end is its last masked position (utils.losses.last_token_index). Past its last token a sequence's value is held at its last one (its score): DeepSpeed-Chat reads
-    the model's values on padding tokens there, which depend on what the model does with padding. Identical
-    rows compare their last position only. Every reply position learns to predict the preference (a value
+    prompt); a row's end is its last masked position (utils.losses.last_token_index). Past its last token a
+    sequence's value is held at its last one (its score): DeepSpeed-Chat reads the model's values on padding
+    tokens there, which depend on what the model does with padding. Identical rows compare their last position
+    only. Every reply position learns to predict the preference (a value
     function's target), not only the one token the score is read from."""
     B, T = chosen_values.shape
     pos = torch.arange(T, device=chosen_values.device).expand(B, T)

@@ -3,9 +3,9 @@
 Designed so a ~135M instruct model learns a visible preference in minutes: short templated tasks
 whose CHOSEN reply is correct, concise and polite ("17 + 25 = 42."), and whose REJECTED reply is one
 bad style drawn at random - a wrong answer (same polite form, so the model must learn correctness
-too; half of them then trail off into chatter), a refusal, a rude reply, rambling/repetition, or an off-topic reply. Every fact is computed
-or taken from a fixed table, so answers are always consistent. Deterministic per seed; prompts are
-unique within a set.
+too; half of them then trail off into chatter), a refusal, a rude reply, rambling/repetition, or an
+off-topic reply. Every fact is computed or taken from a fixed table, so answers are always
+consistent. Deterministic per seed; prompts are unique within a set.
 
     python -m utils.data.synthetic --out data/synthetic.jsonl --n 2000 --seed 1234
 """
