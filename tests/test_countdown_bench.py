@@ -1,4 +1,5 @@
-"""bench/countdown_algorithms.py: the once-only test measurement and the per-step sample count (no model runs)."""
+"""bench/countdown_algorithms.py (the once-only test measurement, the per-step sample count) and
+countdown_pass_at_k.py (pass@k): no model runs."""
 import json
 import os
 import types
@@ -48,3 +49,11 @@ def test_samples_per_step_follow_the_runs_generation_batch(tmp_path):
     result = bench.summarize_run(str(tmp_path), "grpo", flags, 10.0, 100)
     assert result["samples_per_second"] == (8 * 8 * 2 + 8 * 8) / 2.0  # a refill round samples a batch again
     assert bench.summarize_run(str(tmp_path), "grpo", [], 10.0, 100)["samples_per_second"] == (32 * 2 + 32) / 2.0
+
+
+def test_pass_at_k_by_hand():
+    from bench.countdown_pass_at_k import pass_at_k
+    assert pass_at_k(8, 0, 8) == 0.0 and pass_at_k(8, 8, 1) == 1.0
+    assert abs(pass_at_k(8, 1, 1) - 1 / 8) < 1e-12  # pass@1 is the share of right samples
+    assert pass_at_k(8, 1, 8) == 1.0  # every draw of 8 from 8 holds the right one
+    assert abs(pass_at_k(8, 2, 2) - (1 - 15 / 28)) < 1e-12  # 1 - C(6,2)/C(8,2)
