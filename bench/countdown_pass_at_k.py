@@ -12,7 +12,6 @@ tasks greedy gets wrong but some sample gets right (what sharpening could add to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +19,8 @@ from math import comb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from bench.report import print_report  # noqa: E402
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -84,18 +85,14 @@ def main(argv=None) -> int:
     result = {"model": args.model, "tasks": args.tasks, "n_tasks": n, "k": args.k, "temperature": args.temperature,
               "max_new_tokens": args.max_new_tokens, "greedy_accuracy": sum(greedy) / n,
               "pass_at": {str(k): sum(pass_at_k(args.k, c, k) for c in right_counts) / n
-                          for k in (1, 2, 4, args.k) if k <= args.k},
+                          for k in sorted({1, 2, 4, args.k}) if k <= args.k},
               "tasks_no_sample_solves": sum(c == 0 for c in right_counts) / n,
               # what greedy accuracy could still gain by sharpening: greedy wrong, yet some sample right
               "greedy_wrong_some_sample_right": sum(not g and c > 0 for g, c in zip(greedy, right_counts)) / n,
               "tasks_every_sample_solves": sum(c == args.k for c in right_counts) / n,
               "sample_format_rate": formatted / (n * args.k), "seconds": round(time.time() - start, 1),
               "greedy_right_per_task": [int(g) for g in greedy], "samples_right_per_task": right_counts}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print_report(result, args.out)
     return 0
 
 

@@ -12,7 +12,6 @@ The estimate comes from the same flags through the stage's config and `utils.pla
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from functools import partial
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+from bench.report import print_report  # noqa: E402
+
 TARGET = 0.25  # issue #13: the estimate within 25% of the measured peak
 
 
@@ -104,11 +105,7 @@ def main(argv=None):
     doc = {"bench": "memory_estimate", "target": f"|estimate - measured| / measured <= {TARGET}",
            "model": "random Llama, hidden 384, 6 blocks, MLP 1024, 6/2 heads, vocab 32000", "runs": results,
            "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print_report(doc, args.out, indent=2)
     return 0 if all(r["within_target"] for r in results.values()) else 1
 
 

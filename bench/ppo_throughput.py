@@ -30,6 +30,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+from bench.report import print_report  # noqa: E402
+
 PEERS = os.path.join(REPO, "bench", "peers")
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "preference", "hh_harmless_base_1500.jsonl")
 MODEL = "smollm2-135m-instruct"
@@ -375,11 +377,7 @@ def main(argv=None):
         results[name] = run_child(name, cmd, env)
         print(f"[bench] {name}: {json.dumps(_brief(results[name]))}", file=sys.stderr, flush=True)
     report = summarize(results, dtypes, a)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    print_report(report, a.out, indent=2)
 
 
 def _brief(r):

@@ -11,7 +11,6 @@ model, the pairwise accuracy (a tie counts half) with its bootstrap 95% CI, over
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -19,6 +18,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.report import print_report  # noqa: E402
 from inference.common import load_for_inference, quiet_transformers, score_items  # noqa: E402
 from inference.score import pairwise_summary  # noqa: E402
 from utils.data.synthetic import make_synthetic_preferences  # noqa: E402
@@ -74,11 +74,7 @@ def main(argv=None) -> int:
     result = {"pairs": len(pairs), "seed": args.seed, "chance": 0.5,
               "reward_models": {label: {"path": path, **probe(path, pairs, args.dtype)}
                                 for label, path in zip(args.labels or args.reward_model, args.reward_model)}}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print_report(result, args.out)
     return 0
 
 
