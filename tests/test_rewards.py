@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from step3_rlhf.tasks.countdown import (countdown_prompt, countdown_reward, generate_tasks, load_countdown_jsonl,
-                                        solution_text, solve)
+from step3_rlhf.tasks.countdown import (countdown_prompt, countdown_reward, countdown_steps_reward,
+                                        generate_tasks, load_countdown_jsonl, solution_text, solve)
 from step3_rlhf.tasks.format import extract_answer, format_reward, length_reward
 from step3_rlhf.tasks.gsm8k import (extract_model_answer, extract_reference, gsm8k_prompt, gsm8k_reward,
                                     load_gsm8k_jsonl, numbers_equal)
@@ -79,6 +79,33 @@ def _ans(equation):
 ])
 def test_countdown_reward_table(response, expected):
     assert countdown_reward(response, TARGET, NUMS) == expected
+
+
+@pytest.mark.parametrize("response, expected", [
+    # a warm-start reply: 14+4=18 true, 18+14=32 true (twice each), "reaches 49" false (last result 32): 4 of 5
+    (" 14 + 4 = 18. 18 + 14 = 32, not 49. 14 + 4 = 18. 18 + 14 = 32. That reaches 49 using each number once. "
+     "</think> <answer>(14 + 4) + 14</answer>", 0.8),
+    (" 40 + 74 = 114. 114 - 58 = 56. That reaches 56 using each number once. </think> <answer>x</answer>", 1.0),
+    (" 86 - 54 = 30. 49 - 30 = 91. That reaches 91. </think>", 0.0),   # 32, 19, and 19 is not 91
+    (" 7 * 6 = 42. 84 / 2 = 42. 8 / 0 = 1. </think>", 2 / 3),          # dividing by zero is no result
+    (" 9 / 2 = 4. 9 / 3 = 3. </think>", 0.5),                          # exact: 9 / 2 is 4.5
+    (" 7 / 2 = 3.5 and 1.5 + 2 = 3.5 </think>", 0.0),                  # decimals are no statements: none
+    (" That reaches 12. 3 * 4 = 12. </think>", 0.5),                   # a claim before any step is false
+    (" 2 + 2 = 4. </think> <answer>1 + 1 = 3</answer> 5 + 5 = 11", 1.0),  # only before </think> / <answer>
+    (" 2 + 2 = 4. <answer>2 + 2</answer> 5 + 5 = 11", 1.0),
+    ("no statements at all", 0.0),
+    (None, 0.0),
+])
+def test_countdown_steps_reward_by_hand(response, expected):
+    assert countdown_steps_reward(response) == pytest.approx(expected)
+
+
+def test_countdown_steps_reward_is_a_share_of_every_statement():
+    true_step, false_step = " 2 + 2 = 4.", " 2 + 2 = 5."
+    assert countdown_steps_reward(false_step + true_step * 3) == 0.75
+    # true filler dilutes false steps but never hides them: every statement is read, however many
+    assert countdown_steps_reward(false_step * 40 + true_step * 10) == pytest.approx(0.2)
+    assert countdown_steps_reward(true_step * 10_000) == 1.0
 
 
 def test_countdown_division_tolerance_and_duplicates():

@@ -25,7 +25,7 @@ from utils.options import ConfigError, build_parser
 def test_builtin_tasks_are_registered():
     assert list(TASKS) == ["countdown", "gsm8k"]
     assert {"countdown", "gsm8k", "format", "length"} <= set(rule_table())
-    assert get_task("countdown").rewards.keys() == {"countdown"}
+    assert get_task("countdown").rewards.keys() == {"countdown", "countdown_steps"}
     with pytest.raises(ValueError, match="unknown task 'nosuch'"):
         get_task("nosuch")
 

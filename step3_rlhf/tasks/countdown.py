@@ -25,6 +25,9 @@ does not count). Differences from TinyZero, all stricter: :func:`safe_eval` inst
 (``9**9**9`` scores 0.1 instead of hanging the trainer); TinyZero reads ``1.5`` as the numbers 1 and
 5, accepts ``05`` for 5, unary minus and the last of several answers, gives 0.1 to an empty answer,
 and compares floats within 1e-5 (``1 / 100001 + 5`` hits 5 for [1, 100001, 5]).
+
+``--reward countdown_steps`` (:func:`countdown_steps_reward`) grades the reasoning instead: the share of true
+worked steps ("a op b = c", "reaches N") before ``</think>``.
 """
 from __future__ import annotations
 
@@ -40,8 +43,8 @@ from step3_rlhf.tasks.prompts import TaskPrompt, is_int, jsonl_rows, r1_prompt, 
 from step3_rlhf.tasks.registry import Task, register
 from step3_rlhf.tasks.safe_arith import UnsafeExpression, safe_eval
 
-__all__ = ["COUNTDOWN_QUESTION", "countdown_prompt", "load_countdown_jsonl", "countdown_reward", "generate_tasks",
-           "solve", "solution_text", "search_solution_text", "TASK"]
+__all__ = ["COUNTDOWN_QUESTION", "countdown_prompt", "load_countdown_jsonl", "countdown_reward",
+           "countdown_steps_reward", "generate_tasks", "solve", "solution_text", "search_solution_text", "TASK"]
 
 COUNTDOWN_QUESTION = (
     "Using the numbers {nums}, create an equation that equals {target}. You can use basic arithmetic "
@@ -97,6 +100,36 @@ def countdown_reward(response: str, target: int, nums: list[int], format_score: 
     except UnsafeExpression:
         return format_score
     return score if value == target else format_score
+
+
+# A worked step "a op b = c" in the reasoning, and a claim "reaches N" about the last step's result.
+_STEP = re.compile(r"(?<![\d.])(\d{1,6})\s*([-+*/])\s*(\d{1,6})\s*=\s*(\d{1,9})(?!\.?\d)")
+_CLAIM = re.compile(r"\breaches (\d{1,9})\b")
+
+
+def countdown_steps_reward(response: str) -> float:
+    """Share of the true statements among the worked steps before ``</think>`` (or ``<answer>``): every
+    ``a op b = c`` (true when a op b is exactly c) and every ``reaches N`` (true when N is the result of the
+    last step before it). 0.0 with no statement. A dense rule beside ``countdown``: the warm-start model's
+    usual mistake is a false step ("62 - 42 = 72. That reaches 72."), which the final score cannot point at.
+    It is a share of every statement (no cap a policy could pad past), so true filler only dilutes false steps;
+    keep its weight below the outcome's."""
+    if not isinstance(response, str):
+        return 0.0
+    end = min((i for i in (response.find("</think>"), response.find("<answer>")) if i >= 0), default=len(response))
+    events = sorted([(m.start(), "step", m) for m in _STEP.finditer(response, 0, end)] +
+                    [(m.start(), "claim", m) for m in _CLAIM.finditer(response, 0, end)], key=lambda e: e[0])
+    true = total = 0
+    last = None
+    for _, kind, m in events:
+        if kind == "step":
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            last = None if op == "/" and b == 0 else _OPS[op](Fraction(a), Fraction(b))
+            true += last == c
+        else:
+            true += last is not None and last == int(m[1])
+        total += 1
+    return true / total if total else 0.0
 
 
 # ---------------------------------------------------------------- solver
@@ -327,7 +360,8 @@ TASK = register(Task(
     name="countdown",
     prompt=lambda row, style: countdown_prompt(row, style=style),
     load=load_countdown_jsonl,
-    rewards={"countdown": lambda prompt, response, meta: countdown_reward(response, meta["target"], meta["nums"])},
+    rewards={"countdown": lambda prompt, response, meta: countdown_reward(response, meta["target"], meta["nums"]),
+             "countdown_steps": lambda prompt, response, meta: countdown_steps_reward(response)},
     solution=lambda row: solution_text(row["nums"], row["target"], include_think_open=True),
     search_solution=lambda row, max_tries, seed: search_solution_text(row["nums"], row["target"], max_tries, seed),
     source=_source,

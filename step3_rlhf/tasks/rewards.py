@@ -5,7 +5,9 @@ Syntax: a list of specs (several flag values, or comma-separated in one value), 
 weight). NAME is one of
 
 * a task's rule (``Task.rewards`` in the registry): ``countdown`` (:func:`countdown_reward` with
-  ``meta["target"]``, ``meta["nums"]``), ``gsm8k`` (:func:`gsm8k_reward` with ``meta["reference"]``);
+  ``meta["target"]``, ``meta["nums"]``), ``countdown_steps`` (:func:`countdown_steps_reward`: the share of
+  true worked steps, a dense companion to ``countdown``), ``gsm8k`` (:func:`gsm8k_reward` with
+  ``meta["reference"]``);
 * ``format``     - :func:`format_reward` (R1 tag layout);
 * ``length``     - :func:`length_reward` with its defaults;
 * ``model:PATH`` - a reward model; parsed into a :class:`ModelRewardSpec` marker, loading it is
