@@ -21,9 +21,8 @@ sys.path.insert(0, REPO)
 from bench.report import print_report  # noqa: E402
 from inference.common import load_for_inference, quiet_transformers, score_items  # noqa: E402
 from inference.score import pairwise_summary  # noqa: E402
-from utils.data.synthetic import make_synthetic_preferences  # noqa: E402
-
-SHOWN = {"+": "+", "-": "-", "*": "x"}
+from utils.data.synthetic import (ARITHMETIC_SIGNS, arithmetic_texts, arithmetic_value,  # noqa: E402
+                                  make_synthetic_preferences)
 
 
 def probe_pairs(n: int, seed: int, avoid: set) -> list[dict]:
@@ -34,14 +33,13 @@ def probe_pairs(n: int, seed: int, avoid: set) -> list[dict]:
         a, b = (rng.randint(2, 19), rng.randint(2, 19)) if op == "*" else (rng.randint(2, 99), rng.randint(2, 99))
         if op == "-" and b > a:
             a, b = b, a
-        value = a + b if op == "+" else a - b if op == "-" else a * b
-        prompt = f"What is {a} {SHOWN[op]} {b}?"
+        value = arithmetic_value(a, op, b)
+        prompt, right = arithmetic_texts(a, op, b, value)
         if prompt in seen:
             continue
         seen.add(prompt)
         wrong = value + rng.choice((-10, -2, -1, 1, 2, 10) + ((a, -a, b, -b) if op == "*" else (9, -9, 11, -11)))
-        pairs.append({"op": op, "prompt": prompt, "right": f"{a} {SHOWN[op]} {b} = {value}.",
-                      "wrong": f"{a} {SHOWN[op]} {b} = {wrong}."})
+        pairs.append({"op": op, "prompt": prompt, "right": right, "wrong": arithmetic_texts(a, op, b, wrong)[1]})
     return pairs
 
 
@@ -53,7 +51,7 @@ def probe(reward_model: str, pairs: list[dict], dtype: str) -> dict:
     out = {"all": pairwise_summary(right, wrong)}
     for op in "+-*":
         idx = [i for i, p in enumerate(pairs) if p["op"] == op]
-        out[SHOWN[op]] = pairwise_summary([right[i] for i in idx], [wrong[i] for i in idx])
+        out[ARITHMETIC_SIGNS[op]] = pairwise_summary([right[i] for i in idx], [wrong[i] for i in idx])
     return {name: {k: part[k] for k in ("n_pairs", "accuracy", "ci95", "mean_margin")} for name, part in out.items()}
 
 

@@ -50,6 +50,19 @@ def _join(items) -> str:
     return ", ".join(str(x) for x in items)
 
 
+ARITHMETIC_SIGNS = {"+": "+", "-": "-", "*": "x"}  # how the arithmetic task writes each operation
+
+
+def arithmetic_value(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def arithmetic_texts(a: int, op: str, b: int, answer: int) -> tuple[str, str]:
+    """The arithmetic task's question and a reply stating `answer`, in its wording (bench probes reuse it)."""
+    shown = f"{a} {ARITHMETIC_SIGNS[op]} {b}"
+    return f"What is {shown}?", f"{shown} = {answer}."
+
+
 def _arithmetic(rng):
     a, b = rng.randint(2, 99), rng.randint(2, 99)
     op = rng.choice("+-*")
@@ -57,10 +70,10 @@ def _arithmetic(rng):
         a, b = rng.randint(2, 19), rng.randint(2, 19)
     if op == "-" and b > a:
         a, b = b, a
-    value = a + b if op == "+" else a - b if op == "-" else a * b
+    value = arithmetic_value(a, op, b)
     wrong = value + rng.choice((-10, -2, -1, 1, 2, 10))
-    shown = {"+": "+", "-": "-", "*": "x"}[op]
-    return f"What is {a} {shown} {b}?", f"{a} {shown} {b} = {value}.", f"{a} {shown} {b} = {wrong}."
+    prompt, chosen = arithmetic_texts(a, op, b, value)
+    return prompt, chosen, arithmetic_texts(a, op, b, wrong)[1]
 
 
 def _units(rng):
