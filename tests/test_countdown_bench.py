@@ -1,5 +1,5 @@
 """bench/countdown_algorithms.py (the once-only test measurement, the per-step sample count) and
-countdown_pass_at_k.py (pass@k): no model runs."""
+countdown_pass_at_k.py (pass@k), countdown_failures.py (failure classes): no model runs."""
 import json
 import os
 import types
@@ -57,3 +57,25 @@ def test_pass_at_k_by_hand():
     assert abs(pass_at_k(8, 1, 1) - 1 / 8) < 1e-12  # pass@1 is the share of right samples
     assert pass_at_k(8, 1, 8) == 1.0  # every draw of 8 from 8 holds the right one
     assert abs(pass_at_k(8, 2, 2) - (1 - 15 / 28)) < 1e-12  # 1 - C(6,2)/C(8,2)
+
+
+def test_failure_classes_by_hand():
+    """bench/countdown_failures.py on answers written by hand: one right answer to its own task, then wrong ones for
+    nums [14, 4, 14], target 49 (reached by 14 / 4 * 14, which none of them writes)."""
+    from bench.countdown_failures import classify, summarize, task_of
+    assert classify(" 6 + 3 = 9. 9 - 2 = 7. That reaches 7. </think> <answer>(6 + 3) - 2</answer>", [6, 3, 2], 7) \
+        == "right"
+    nums, target = [14, 4, 14], 49
+    assert classify(" 14 + 4 = 18. 18 + 14 = 32. 32 + 14 = 4", nums, target) == "no_answer"  # cut off, no tags
+    # an earlier failed try with a false step does not count: only the last attempt (after ", not N.") is read
+    made_up = " 14 + 4 = 19. 19 + 14 = 33, not 49. 14 * 4 = 56. 56 - 14 = 49. That reaches 49. </think> " \
+              "<answer>(14 * 4) - 14</answer>"
+    assert classify(made_up, nums, target) == "false_step"
+    honest_miss = " 14 * 4 = 56. 56 - 14 = 42. That reaches 49. </think> <answer>(14 * 4) - 14</answer>"
+    assert classify(honest_miss, nums, target) == "true_steps_miss"
+    assert classify(" 14 / 0 = 49. </think> <answer>14 / 4 + 14</answer>", nums, target) == "false_step"
+    prompt = "Using the numbers [14, 4, 14], create an equation that equals 49. You can use ..."
+    assert task_of(prompt) == ([14, 4, 14], 49)
+    s = summarize([{"prompt": prompt, "response": made_up}, {"prompt": prompt, "response": honest_miss}])
+    assert s["counts"] == {"right": 0, "no_answer": 0, "false_step": 1, "true_steps_miss": 1, "other": 0}
+    assert s["shares"]["false_step"] == 0.5

@@ -1,7 +1,8 @@
 """Equal learning: every speed lever of step 3 gives what the straightforward path gives (issue "Speed and memory").
 
-- our decode loop (step3_rlhf/rollout/decode_loop.py) picks generate()'s tokens: greedy and, with the same seed,
-  sampled (T=1 and T/top-k/top-p), on tiny Llama and OPT with left padding, EOS and min_new_tokens;
+- our decode loop (step3_rlhf/rollout/decode_loop.py) picks generate()'s tokens: greedy and, with the same seed and
+  generate()'s draw (sampler="multinomial"), sampled (T=1 and T/top-k/top-p), on tiny Llama and OPT with left
+  padding, EOS and min_new_tokens; its default draw samples the same distribution (checked by counting);
 - a GRPO group's prompt run once and its KV cache shared gives the tokens of G separate prefills;
 - the log-probs the loop reports equal response_logprobs of a full forward;
 - one PPO update with the experience-time actor forward reused as the update's forward gives the losses
@@ -19,7 +20,7 @@ from step3_rlhf.config import RLHFConfig
 from step3_rlhf.engines import build_engines
 from step3_rlhf.experience import response_logprobs
 from step3_rlhf.experience_maker import ExperienceMaker
-from step3_rlhf.rollout.decode_loop import fast_decode_ok, sample
+from step3_rlhf.rollout.decode_loop import draw, fast_decode_ok, sample
 from step3_rlhf.prompt_data import collate_prompts, load_prompts
 from step3_rlhf.trainer import RLTrainer
 from utils.data.synthetic import make_synthetic_preferences, write_jsonl
@@ -73,9 +74,47 @@ def test_sampled_decode_matches_generate_with_the_same_seed(warp, tiny_model_dir
                    top_k=warp.get("top_k"), top_p=warp.get("top_p"), temperature=warp["temperature"])
     torch.manual_seed(11)
     got = sample(model, ids, mask, max_new_tokens=16, min_new_tokens=4, eos_ids=[eos], pad_id=tok.pad_token_id,
-                 temperature=warp["temperature"], top_k=warp.get("top_k", 0), top_p=warp.get("top_p", 1.0))
+                 temperature=warp["temperature"], top_k=warp.get("top_k", 0), top_p=warp.get("top_p", 1.0),
+                 sampler="multinomial")
     assert torch.equal(got, want)
     assert not (got[:, :4] == eos).any()
+
+
+def test_draw_samples_the_distribution_and_never_a_filtered_token():
+    """`draw` (the default sampler) against probabilities set by hand: 200k rows of one distribution, whose zero
+    entries (first, middle, last: what top-k/top-p leave) are never drawn, and each frequency within 5 standard
+    errors of its probability."""
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    n = 200_000
+    torch.manual_seed(0)
+    tok = draw(probs.expand(n, -1).contiguous())
+    freq = torch.bincount(tok, minlength=len(probs)).double() / n
+    assert freq[0] == 0 and freq[2] == 0 and freq[6] == 0
+    se = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 5 * se + 1e-12).all(), freq
+    # a row with one possible token draws it every time, at either end of the vocabulary
+    assert draw(torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])).tolist() == [2, 0]
+
+
+def test_sampled_decode_draws_generates_distribution(tiny_model_dir):
+    """The default sampler and generate()'s draw give the same first-token distribution (2000 copies of one
+    prompt, T=0.7, top-k 5: the five allowed tokens only, frequencies within 0.05 of each other)."""
+    model, tok = _model(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids, mask = _prompts(tok, n=1)
+    ids, mask = ids.expand(2000, -1), mask.expand(2000, -1)
+    kw = dict(max_new_tokens=1, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, temperature=0.7, top_k=5)
+    counts = {}
+    for sampler in ("cdf", "multinomial"):
+        torch.manual_seed(5)
+        first = sample(model, ids, mask, sampler=sampler, **kw)[:, 0]
+        counts[sampler] = torch.bincount(first, minlength=len(tok)).double() / len(first)
+    with torch.no_grad():
+        allowed = model(input_ids=ids[:1], attention_mask=mask[:1],
+                        position_ids=(mask[:1].cumsum(-1) - 1).clamp(min=0)).logits[0, -1].topk(5).indices
+    outside = torch.ones(len(tok), dtype=torch.bool)
+    outside[allowed] = False
+    assert counts["cdf"][outside].sum() == 0 and (counts["cdf"][allowed] > 0).sum() >= 2
+    assert (counts["cdf"] - counts["multinomial"]).abs().max() < 0.05
 
 
 def test_eos_ends_a_row_and_pads_after(tiny_model_dir):
@@ -83,7 +122,7 @@ def test_eos_ends_a_row_and_pads_after(tiny_model_dir):
     emits pad, in generate() and in our loop alike."""
     model, tok = _model(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
     ids, mask = _prompts(tok)
-    kw = dict(max_new_tokens=10, pad_id=tok.pad_token_id, temperature=1.0)
+    kw = dict(max_new_tokens=10, pad_id=tok.pad_token_id, temperature=1.0, sampler="multinomial")
     torch.manual_seed(2)
     free = sample(model, ids, mask, eos_ids=[tok.eos_token_id], **kw)
     # the first (row, position >= 3) whose token did not occur earlier in its row: that row must end there
@@ -113,7 +152,7 @@ def test_group_shared_prefix_gives_the_tokens_of_separate_prefills(tiny_model_di
     torch.manual_seed(3)
     separate = sample(model, ids, mask, temperature=1.0, **kw)
     torch.manual_seed(3)
-    shared = sample(model, ids, mask, temperature=1.0, group_size=g, **kw)
+    shared = sample(model, ids, mask, temperature=1.0, group_size=g, **kw)  # the default sampler, same stream
     assert torch.equal(shared, separate)
     assert not torch.equal(shared[0], shared[1])  # samples of one group differ (the test is not trivial)
     # rows that are not copies of one prompt: the loop sees it and prefills every row
@@ -181,6 +220,12 @@ def _trainer(rl_setup, name, *extra, **cfg_overrides):
     return SimpleNamespace(maker=maker, trainer=RLTrainer(cfg, engines, ctx), e=engines, cfg=cfg), items
 
 
+# Weights after one update of two paths that compute the same numbers in a different order. Adam's first step moves
+# every weight by about lr (1e-2 here) whatever its gradient's size, so a gradient near Adam's eps that differs in
+# its last bits moves its weight a little differently: allow 1% of one step (a wrong path differs by whole steps).
+ONE_ADAM_STEP_TOL = 1e-4
+
+
 def _one_step(run, items, n):
     torch.manual_seed(7)  # same samples on both paths
     exp = run.maker.make(items[:n])
@@ -241,7 +286,7 @@ def test_grpo_step_with_shared_prefixes_equals_the_straightforward_step(rl_setup
     assert exp_sh.advantages.abs().max() > 0.1  # the group's samples differ, so the update is not a no-op
     for k in ("loss/policy", "entropy", "kl/approx_old_new"):
         assert abs(st_shared[k] - st_sep[k]) < 1e-5, k
-    assert all(torch.allclose(w_shared[k], w_sep[k], atol=1e-5) for k in w_shared)
+    assert all(torch.allclose(w_shared[k], w_sep[k], atol=ONE_ADAM_STEP_TOL) for k in w_shared)
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
@@ -297,4 +342,4 @@ def test_ppo_update_on_the_lean_paths_equals_the_plain_one(rl_setup):
         assert abs(st_l[k] - st_p[k]) < 1e-5, k
     assert st_l["loss/policy"] != 0.0
     for k in w_l:
-        assert torch.allclose(w_l[k], w_p[k], atol=1e-5), k
+        assert torch.allclose(w_l[k], w_p[k], atol=ONE_ADAM_STEP_TOL), k
