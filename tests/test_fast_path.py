@@ -94,6 +94,8 @@ def test_draw_samples_the_distribution_and_never_a_filtered_token():
     assert ((freq - probs.double()).abs() <= 5 * se + 1e-12).all(), freq
     # a row with one possible token draws it every time, at either end of the vocabulary
     assert draw(torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])).tolist() == [2, 0]
+    with pytest.raises(RuntimeError, match="NaN or inf"):  # a diverged model is named, as multinomial does
+        draw(torch.tensor([[0.5, float("nan"), 0.5]]))
 
 
 def test_sampled_decode_draws_generates_distribution(tiny_model_dir):

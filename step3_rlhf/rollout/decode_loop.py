@@ -86,6 +86,8 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     entry (B x 49k), a quarter of a 2-core CPU decode step; this draws B. u lies in (0, total], so the first index
     whose cumulative sum reaches u always has a non-zero probability (a filtered token adds 0 to the sum)."""
     cdf = probs.cumsum(-1)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):  # multinomial refuses these too; a silent pick would hide it
+        raise RuntimeError("cannot sample: the model's next-token probabilities are NaN or inf (diverged weights?)")
     u = (1.0 - torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype)) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
