@@ -267,7 +267,7 @@ def test_trainer_logs_the_update_side_statistics():
 def test_new_options_train_end_to_end(algo, flags, tiny_model_dir, tmp_path, capsys):
     argv = ["--actor_model_name_or_path", tiny_model_dir, "--algo", algo, "--reward", "tests.test_critic_free:my_rule",
             "--data_path", "synthetic:150", "--data_split", "1,1,1", "--max_prompt_seq_len", "32",
-            "--max_answer_seq_len", "8", "--min_answer_seq_len", "8", "--max_steps", "10", "--eval_prompts", "0",
+            "--max_answer_seq_len", "8", "--min_answer_seq_len", "8", "--max_steps", "16", "--eval_prompts", "0",
             "--actor_learning_rate", "1e-2", "--lr_scheduler_type", "constant", *flags]
     summary = critic_free_run(argv, tmp_path / algo)
     assert f"{algo}: built actor, reference, rules" in capsys.readouterr().err  # the KL is in the reward
@@ -280,4 +280,6 @@ def test_new_options_train_end_to_end(algo, flags, tiny_model_dir, tmp_path, cap
     rewards = [h["reward/mean"] for h in history]
     assert all(math.isfinite(r) for r in rewards)
     if algo == "reinforce_pp":
-        assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 1.0, rewards
+        # 16 steps, the last 4 against the first 4: over seeds 1-5 and 1234, with either sampler of the decode
+        # loop, the rise was 1.75-4.1 (10 steps, last 3 against first 2, rose 0.2-1.2: a coin flip at +1.0)
+        assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 1.0, rewards
