@@ -20,12 +20,11 @@ import json
 import os
 import re
 import sys
-from fractions import Fraction
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-from step3_rlhf.tasks.countdown import _OPS, _STEP, countdown_reward  # noqa: E402
+from step3_rlhf.tasks.countdown import _STEP, countdown_reward, step_result  # noqa: E402
 
 CLASSES = ("right", "no_answer", "false_step", "true_steps_miss", "other")
 # the task line of the countdown prompt (step3_rlhf/tasks/countdown.py)
@@ -40,10 +39,6 @@ def task_of(prompt: str) -> tuple[list[int], int]:
     return [int(x) for x in m[1].split(",")], int(m[2])
 
 
-def step_is_true(a: Fraction, op: str, b: Fraction, c: Fraction) -> bool:
-    return not (op == "/" and b == 0) and _OPS[op](a, b) == c
-
-
 def classify(response: str, nums: list[int], target: int) -> str:
     """One of CLASSES for one answer (see the module docstring)."""
     score = countdown_reward(response, target, nums)
@@ -53,10 +48,10 @@ def classify(response: str, nums: list[int], target: int) -> str:
         return "no_answer"
     think = response.split("</think>")[0]
     tries = _FAILED_TRY_END.split(think)
-    steps = [(Fraction(int(m[1])), m[2], Fraction(int(m[3])), Fraction(int(m[4]))) for m in _STEP.finditer(tries[-1])]
-    if not all(step_is_true(*step) for step in steps):
+    steps = list(_STEP.finditer(tries[-1]))
+    if any(step_result(m) != int(m[4]) for m in steps):  # a division by zero (None) is false too
         return "false_step"
-    if not steps or steps[-1][3] != target:
+    if not steps or int(steps[-1][4]) != target:
         return "true_steps_miss"
     return "other"
 

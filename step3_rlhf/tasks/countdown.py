@@ -107,6 +107,12 @@ _STEP = re.compile(r"(?<![\d.])(\d{1,6})\s*([-+*/])\s*(\d{1,6})\s*=\s*(\d{1,9})(
 _CLAIM = re.compile(r"\breaches (\d{1,9})\b")
 
 
+def step_result(match) -> Fraction | None:
+    """The exact value of a worked step matched by _STEP ("a op b = c" -> a op b), None for a division by zero."""
+    a, op, b = int(match[1]), match[2], int(match[3])
+    return None if op == "/" and b == 0 else _OPS[op](Fraction(a), Fraction(b))
+
+
 def countdown_steps_reward(response: str) -> float:
     """Share of the true statements among the worked steps before ``</think>`` (or ``<answer>``): every
     ``a op b = c`` (true when a op b is exactly c) and every ``reaches N`` (true when N is the result of the
@@ -123,9 +129,8 @@ def countdown_steps_reward(response: str) -> float:
     last = None
     for _, kind, m in events:
         if kind == "step":
-            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
-            last = None if op == "/" and b == 0 else _OPS[op](Fraction(a), Fraction(b))
-            true += last == c
+            last = step_result(m)
+            true += last == int(m[4])
         else:
             true += last is not None and last == int(m[1])
         total += 1
