@@ -8,6 +8,8 @@ trace, see step3_rlhf/warm_start.py):
 - right: the answer scores 1.0;
 - no_answer: no gradable answer (no answer tags: cut at --max_answer_seq_len or looping);
 - false_step: the last attempt has a step "a op b = c" that is false (the model makes a result up);
+- no_step: the last attempt writes no step at all - after a try it marked "not N" the model claims it "reaches" the
+  target anyway and answers with a rejected equation;
 - true_steps_miss: every step of the last attempt is true, but its result is not the target;
 - other: the steps are true and reach the target, yet the answer scores below 1.0.
 
@@ -26,7 +28,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 from step3_rlhf.tasks.countdown import _STEP, countdown_reward, step_result  # noqa: E402
 
-CLASSES = ("right", "no_answer", "false_step", "true_steps_miss", "other")
+CLASSES = ("right", "no_answer", "false_step", "no_step", "true_steps_miss", "other")
 # the task line of the countdown prompt (step3_rlhf/tasks/countdown.py)
 _TASK = re.compile(r"Using the numbers \[([\d, ]+)\], create an equation that equals (\d+)")
 _FAILED_TRY_END = re.compile(r", not \d+\.")
@@ -51,7 +53,9 @@ def classify(response: str, nums: list[int], target: int) -> str:
     steps = list(_STEP.finditer(tries[-1]))
     if any(step_result(m) != int(m[4]) for m in steps):  # a division by zero (None) is false too
         return "false_step"
-    if not steps or int(steps[-1][4]) != target:
+    if not steps:
+        return "no_step"
+    if int(steps[-1][4]) != target:
         return "true_steps_miss"
     return "other"
 

@@ -74,8 +74,11 @@ def test_failure_classes_by_hand():
     honest_miss = " 14 * 4 = 56. 56 - 14 = 42. That reaches 49. </think> <answer>(14 * 4) - 14</answer>"
     assert classify(honest_miss, nums, target) == "true_steps_miss"
     assert classify(" 14 / 0 = 49. </think> <answer>14 / 4 + 14</answer>", nums, target) == "false_step"
+    # the last try was rejected ("not 49") and no new one follows: the claim is about no step at all
+    rejected = " 14 + 4 = 18. 18 + 14 = 32, not 49. That reaches 49. </think> <answer>(14 + 4) + 14</answer>"
+    assert classify(rejected, nums, target) == "no_step"
     prompt = "Using the numbers [14, 4, 14], create an equation that equals 49. You can use ..."
     assert task_of(prompt) == ([14, 4, 14], 49)
     s = summarize([{"prompt": prompt, "response": made_up}, {"prompt": prompt, "response": honest_miss}])
-    assert s["counts"] == {"right": 0, "no_answer": 0, "false_step": 1, "true_steps_miss": 1, "other": 0}
+    assert s["counts"] == {"right": 0, "no_answer": 0, "false_step": 1, "no_step": 0, "true_steps_miss": 1, "other": 0}
     assert s["shares"]["false_step"] == 0.5
