@@ -157,6 +157,8 @@ def test_sft_zero3_trains_like_zero0_and_saves_a_loadable_model(sft_llama, tiny_
         live = engine(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
     assert torch.allclose(logits_of(reloaded, ids), live, atol=1e-6, rtol=0)
     assert torch.allclose(logits_of(reloaded, ids), logits_of(zero0, ids), atol=1e-3, rtol=0)
+    # no non-persistent buffer (rotary inv_freq) saved at stage 3; the tied lm_head is written at stage 0 only
+    assert saved_keys(out) == saved_keys(base_out) - {"lm_head.weight"}
 
 
 def test_sft_train_on_prompt_puts_loss_on_prompt_tokens(sft_llama, tiny_model_dir, pref_data, tmp_path):

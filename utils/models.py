@@ -288,8 +288,10 @@ def gathered_state_dict(model) -> dict:
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
             out[name] = p.detach().clone()
+    kept = model.state_dict(keep_vars=True).keys()  # skips non-persistent buffers (rotary inv_freq), as stage 0 does
     for name, b in model.named_buffers():
-        out[name] = b.detach().clone()
+        if name in kept:
+            out[name] = b.detach().clone()
     return out
 
 
