@@ -22,8 +22,9 @@ import torch  # noqa: E402
 from step2_reward_model.config import RewardConfig  # noqa: E402
 from utils.data.pipeline import pair_datasets  # noqa: E402
 from utils.engine import build_supervised_engine  # noqa: E402
-from utils.losses import gather_last, last_token_index  # noqa: E402
-from utils.models import TokenValues, load_tokenizer, load_value_model, save_hf_model, value_head  # noqa: E402
+from utils.losses import gather_last, gather_logprobs, last_token_index, masked_sum  # noqa: E402
+from utils.models import (TokenValues, body_hidden_states, load_tokenizer, load_value_model,  # noqa: E402
+                          save_hf_model, value_head)
 from utils.options import ConfigError, parse_config  # noqa: E402
 from utils.phase import set_phase  # noqa: E402
 from utils.preference_losses import (center_penalty, divergence_pairwise_loss, pairwise_accuracy,  # noqa: E402
@@ -59,24 +60,61 @@ def freeze_lower_layers(model, n_layers):
     return n_layers
 
 
-def pair_values(engine, ids, mask, chunk=0):
+def next_token_nll(logits, ids, mask):
+    """(summed -log p(next token), number of predicted tokens) over rows [k, T] of a causal LM, left or right
+    padding: position t predicts t+1 where both are real tokens."""
+    valid = mask[:, :-1].bool() & mask[:, 1:].bool()
+    return -masked_sum(gather_logprobs(logits[:, :-1], ids[:, 1:]), valid), valid.sum()
+
+
+class ValuesAndLMLoss(TokenValues):
+    """TokenValues whose forward can also return the next-token loss of some rows (--lm_loss_coef), through the
+    LM head a tied model shares with its input embeddings, read from the same hidden states as the value head.
+
+    forward(ids, mask) -> values [B, T]; forward(ids, mask, lm_rows) -> (values, nll sum, token count) of the
+    rows where the bool lm_rows [B] is set. The embedding matrix is used outside its own module's forward, so
+    ZeRO-3 is told to gather it for this module's forward too (a no-op at lower stages)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        import deepspeed
+        deepspeed.zero.register_external_parameter(self, model.get_input_embeddings().weight)
+
+    def forward(self, input_ids, attention_mask, lm_rows=None):
+        hidden = body_hidden_states(self.model, input_ids, attention_mask)
+        values = value_head(self.model)(hidden).squeeze(-1).float()
+        if lm_rows is None:
+            return values
+        logits = torch.nn.functional.linear(hidden[lm_rows], self.model.get_input_embeddings().weight)
+        return (values, *next_token_nll(logits, input_ids[lm_rows], attention_mask[lm_rows]))
+
+
+def pair_values(engine, ids, mask, chunk=0, lm=False):
     """The value head's output at every position of the [chosen; rejected] batch, [2B, T].
 
     chunk > 0: the 2B sequences are sorted by length and run `chunk` at a time, each chunk cut to its own
     longest row, so short rows do not pay for the longest one's padding (the batch's loss and its one
     backward are unchanged; only padding work is skipped; the cut columns come back as 0, never read).
     chunk = 0: one padded forward of the whole batch.
+    lm=True (the engine wraps ValuesAndLMLoss): (values, the chosen half's summed next-token loss, its token count).
     """
-    if chunk <= 0 or chunk >= ids.shape[0]:
-        return engine(ids, mask)
+    n = ids.shape[0]
+    chosen = torch.arange(n, device=ids.device) < n // 2
+    if chunk <= 0 or chunk >= n:
+        return engine(ids, mask, chosen) if lm else engine(ids, mask)
     order = torch.argsort(mask.sum(-1), stable=True)
-    parts = []
+    parts, nll, count = [], 0.0, 0
     for idx in order.split(chunk):
         cols = mask[idx].any(0).nonzero().squeeze(-1)  # columns any row of the chunk uses (left or right pad)
         lo, hi = int(cols.min()), int(cols.max()) + 1
-        values = engine(ids[idx, lo:hi], mask[idx, lo:hi])
+        if lm:
+            values, part_nll, part_count = engine(ids[idx, lo:hi], mask[idx, lo:hi], chosen[idx])
+            nll, count = nll + part_nll, count + part_count
+        else:
+            values = engine(ids[idx, lo:hi], mask[idx, lo:hi])
         parts.append(torch.nn.functional.pad(values, (lo, ids.shape[1] - hi)))
-    return torch.cat(parts)[torch.argsort(order)]  # back to batch order (indexing keeps the graph)
+    values = torch.cat(parts)[torch.argsort(order)]  # back to batch order (indexing keeps the graph)
+    return (values, nll, count) if lm else values
 
 
 def halves(x):
@@ -91,9 +129,13 @@ def pair_scores(engine, batch, chunk=0, score_offset=0):
     return halves(read_scores(pair_values(engine, batch["input_ids"], mask, chunk), mask, score_offset))
 
 
-def reward_step(engine, batch, center_coef, chunk=0, score_offset=0, loss_positions="score"):
+def reward_step(engine, batch, center_coef, chunk=0, score_offset=0, loss_positions="score", lm_loss_coef=0.0):
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    values = pair_values(engine, ids, mask, chunk)
+    if lm_loss_coef:
+        values, nll, count = pair_values(engine, ids, mask, chunk, lm=True)
+        lm_loss = nll / max(int(count), 1)  # mean next-token loss of the chosen sequences' tokens
+    else:
+        values = pair_values(engine, ids, mask, chunk)
     chosen, rejected = halves(read_scores(values, mask, score_offset))
     if loss_positions == "divergence":  # DeepSpeed-Chat's: every position after the replies part
         loss = divergence_pairwise_loss(*halves(values), *halves(ids), *halves(mask)) \
@@ -101,8 +143,12 @@ def reward_step(engine, batch, center_coef, chunk=0, score_offset=0, loss_positi
     else:
         loss = pairwise_reward_loss(chosen, rejected, center_coef)
     accuracy = pairwise_accuracy(chosen, rejected, tie=0.5)  # a tie counts half
-    return loss, {"train/loss": loss.detach(), "train/accuracy": accuracy,
-                  "train/chosen_score": chosen.mean().detach(), "train/rejected_score": rejected.mean().detach()}
+    stats = {"train/loss": loss.detach(), "train/accuracy": accuracy,
+             "train/chosen_score": chosen.mean().detach(), "train/rejected_score": rejected.mean().detach()}
+    if lm_loss_coef:
+        loss = loss + lm_loss_coef * lm_loss
+        stats["train/lm_loss"] = lm_loss.detach()
+    return loss, stats
 
 
 @torch.no_grad()
@@ -158,9 +204,13 @@ def main(argv=None):
     if cfg.only_optimize_lora:
         model.score.weight.requires_grad_(True)  # the head is new: it must train even in LoRA-only mode
     freeze_lower_layers(model, cfg.num_frozen_layers)
+    if cfg.lm_loss_coef and not getattr(model.config, "tie_word_embeddings", False):
+        raise ConfigError(f"--lm_loss_coef {cfg.lm_loss_coef}: {cfg.model_name_or_path} has an LM head of its own "
+                          "(tie_word_embeddings false), which the reward model does not load; use 0")
     total = cfg.max_steps or cfg.num_train_epochs * steps_per_epoch(
         len(train_set), cfg.per_device_train_batch_size, ctx.world_size, cfg.gradient_accumulation_steps)
-    engine = build_supervised_engine(TokenValues(model), cfg, ctx, total,
+    wrapper = ValuesAndLMLoss(model) if cfg.lm_loss_coef else TokenValues(model)
+    engine = build_supervised_engine(wrapper, cfg, ctx, total,
                                      head_params=list(value_head(model).parameters()),
                                      head_lr=cfg.head_learning_rate or None)
     eval_clock = {"seconds": 0.0, "scores": []}
@@ -180,7 +230,7 @@ def main(argv=None):
 
     def step_fn(engine, batch):
         return reward_step(engine, {k: v.to(ctx.device) for k, v in batch.items()}, cfg.center_coef,
-                           cfg.chunk_for(ctx.device.type), cfg.score_offset, cfg.loss_positions)
+                           cfg.chunk_for(ctx.device.type), cfg.score_offset, cfg.loss_positions, cfg.lm_loss_coef)
 
     start = time.perf_counter()
     after, steps = train(cfg, engine, train_set, collate, step_fn, ev, ctx.log, ctx.rank, ctx.world_size,

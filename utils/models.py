@@ -238,12 +238,15 @@ def position_ids_from_mask(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def body_hidden_states(model, input_ids, attention_mask):
+    """The last hidden states [B, L, H] of a value model's body (no head), positions ignoring left padding."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+
+
 def token_values(model, input_ids, attention_mask):
     """Per-token scalar values [B, L] (float32) from a value model: the critic's V(s_t)."""
-    base = model.base_model
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-    return value_head(model)(hidden).squeeze(-1).float()
+    return value_head(model)(body_hidden_states(model, input_ids, attention_mask)).squeeze(-1).float()
 
 
 def sequence_scores(model, input_ids, attention_mask):
