@@ -46,8 +46,8 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
     lm_loss_coef: float = opt(0.0, "Weight of the chosen sequences' next-token loss, added to the pairwise loss: "
                                     "the LM head (the input embeddings, tied) reads the hidden states the value head "
                                     "reads, so the body stays a language model while it learns to rank (the SFT "
-                                    "regulariser of GRM, Yang et al. 2024). Needs tied embeddings. 0 = off (on hh dev pairs "
-                                    "0.1 gave 0.64 against 0.655 without).", min=0)
+                                    "regulariser of GRM, Yang et al. 2024). Needs tied embeddings. 0 = off (on hh "
+                                    "dev pairs 0.1 gave 0.64 against 0.655 without).", min=0)
     chat_template: str = opt("auto", "auto = the tokenizer's chat template when it has one; none = DeepSpeed-Chat's "
                                       "hh text (' Human: ... Assistant:') even for a chat model.",
                              choices=["auto", "none"])

@@ -22,7 +22,8 @@ import torch  # noqa: E402
 from step2_reward_model.config import RewardConfig  # noqa: E402
 from utils.data.pipeline import pair_datasets  # noqa: E402
 from utils.engine import build_supervised_engine  # noqa: E402
-from utils.losses import gather_last, gather_logprobs, last_token_index, masked_sum  # noqa: E402
+from utils.data.datasets import IGNORE_INDEX  # noqa: E402
+from utils.losses import gather_last, last_token_index, sft_loss  # noqa: E402
 from utils.models import (TokenValues, body_hidden_states, load_tokenizer, load_value_model,  # noqa: E402
                           save_hf_model, value_head)
 from utils.options import ConfigError, parse_config  # noqa: E402
@@ -62,9 +63,11 @@ def freeze_lower_layers(model, n_layers):
 
 def next_token_nll(logits, ids, mask):
     """(summed -log p(next token), number of predicted tokens) over rows [k, T] of a causal LM, left or right
-    padding: position t predicts t+1 where both are real tokens."""
-    valid = mask[:, :-1].bool() & mask[:, 1:].bool()
-    return -masked_sum(gather_logprobs(logits[:, :-1], ids[:, 1:]), valid), valid.sum()
+    padding: a token is a target (utils.losses.sft_loss's shift) when it and the token before it are real."""
+    real = mask.bool()
+    after_real = torch.nn.functional.pad(real[:, :-1], (1, 0))
+    loss, n_tokens = sft_loss(logits, torch.where(real & after_real, ids, IGNORE_INDEX))
+    return loss * n_tokens, n_tokens
 
 
 class ValuesAndLMLoss(TokenValues):
@@ -99,7 +102,7 @@ def pair_values(engine, ids, mask, chunk=0, lm=False):
     lm=True (the engine wraps ValuesAndLMLoss): (values, the chosen half's summed next-token loss, its token count).
     """
     n = ids.shape[0]
-    chosen = torch.arange(n, device=ids.device) < n // 2
+    chosen = torch.arange(n, device=ids.device) < n // 2 if lm else None
     if chunk <= 0 or chunk >= n:
         return engine(ids, mask, chosen) if lm else engine(ids, mask)
     order = torch.argsort(mask.sum(-1), stable=True)
@@ -133,7 +136,7 @@ def reward_step(engine, batch, center_coef, chunk=0, score_offset=0, loss_positi
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if lm_loss_coef:
         values, nll, count = pair_values(engine, ids, mask, chunk, lm=True)
-        lm_loss = nll / max(int(count), 1)  # mean next-token loss of the chosen sequences' tokens
+        lm_loss = nll / count.clamp(min=1)  # mean next-token loss of the chosen sequences' tokens
     else:
         values = pair_values(engine, ids, mask, chunk)
     chosen, rejected = halves(read_scores(values, mask, score_offset))
