@@ -75,13 +75,9 @@ class ValuesAndLMLoss(TokenValues):
     LM head a tied model shares with its input embeddings, read from the same hidden states as the value head.
 
     forward(ids, mask) -> values [B, T]; forward(ids, mask, lm_rows) -> (values, nll sum, token count) of the
-    rows where the bool lm_rows [B] is set. The embedding matrix is used outside its own module's forward, so
-    ZeRO-3 is told to gather it for this module's forward too (a no-op at lower stages)."""
-
-    def __init__(self, model):
-        super().__init__(model)
-        import deepspeed
-        deepspeed.zero.register_external_parameter(self, model.get_input_embeddings().weight)
+    rows where the bool lm_rows [B] is set. The embedding matrix is used outside its own module's forward; under
+    ZeRO-3, DeepSpeed gathers and registers such a parameter itself when forward reads it (registering it here
+    as well broke ZeRO-3's prefetch trace on SmolLM2-135M: "tracing error at step 38")."""
 
     def forward(self, input_ids, attention_mask, lm_rows=None):
         hidden = body_hidden_states(self.model, input_ids, attention_mask)

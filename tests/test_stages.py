@@ -351,12 +351,23 @@ def test_reward_lm_loss_refuses_an_untied_head(pref_data, tmp_path):
         rm_main.main(rm_argv(model_dir, pref_data, str(tmp_path / "out"), "--lm_loss_coef", "0.1"))
 
 
-def test_reward_lm_loss_trains_the_same_under_zero3(pref_data, tmp_path):
-    """The LM term under ZeRO-3 trains as at stage 0. Hidden size 96 puts the embedding (134 x 96) above the
-    stage-3 persistence threshold (1e4 elements), so it is partitioned. (A model this small stays gathered for
-    the whole forward - 3e7 live parameters are allowed - so this passes with or without ValuesAndLMLoss's
-    register_external_parameter; that is there for models big enough to be released between modules.)"""
+def test_reward_lm_loss_trains_the_same_under_zero3(pref_data, tmp_path, monkeypatch):
+    """The LM term under ZeRO-3 trains as at stage 0, with ZeRO-3 releasing each module's weights after its
+    forward as it does at real sizes: hidden size 96 puts the embedding (134 x 96) above the persistence
+    threshold, and the live-parameter cap is cut from 3e7 (which would keep a model this small gathered all
+    through the forward) to 2e4. So the embedding is released before the LM head reads it and must be gathered
+    again. (The old manual register_external_parameter failed here with DeepSpeed's "tracing error", as it did
+    on SmolLM2-135M at the real settings.)"""
+    import utils.engine
     from tests.tiny import build_tiny_model_dir
+    real_config = utils.engine.train_ds_config
+
+    def releasing_config(**kw):
+        config = real_config(**kw)
+        config["zero_optimization"].update(stage3_max_live_parameters=2e4, stage3_max_reuse_distance=0)
+        return config
+
+    monkeypatch.setattr(utils.engine, "train_ds_config", releasing_config)
     model_dir = build_tiny_model_dir(str(tmp_path / "wide"), hidden=96)
     summaries = [run_stage(rm_main, rm_argv(model_dir, pref_data, str(tmp_path / f"z{stage}"), "--lm_loss_coef",
                                             "1.0", "--zero_stage", stage))[1] for stage in ("0", "3")]
