@@ -34,6 +34,10 @@ def test_supervised_memory_step1_by_hand():
     # step 2: chosen + rejected in one backward, no LM logits
     mem2 = supervised_memory(SHAPE, nbytes=2, zero_stage=0, world=1, micro_batch=2, seq_len=10, value_model=True)
     assert mem2["activations"] == 2 * act and "logits" not in mem2
+    # step 2 with --lm_loss_coef: the chosen rows' (micro_batch of them) LM logits as well
+    mem3 = supervised_memory(SHAPE, nbytes=2, zero_stage=0, world=1, micro_batch=2, seq_len=10, value_model=True,
+                             lm_loss=True)
+    assert mem3["activations"] == 2 * act and mem3["logits"] == logits == 10000
 
 
 def test_checkpointing_keeps_one_hidden_state_per_block():

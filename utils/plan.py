@@ -150,15 +150,16 @@ def peak(persistent: dict, phases: dict, runtime=RUNTIME_BYTES) -> dict:
 
 
 def supervised_memory(shape: ModelShape, *, nbytes, zero_stage, world, micro_batch, seq_len, value_model,
-                      fused=True, checkpointing=False, lora_dim=0, lora_only=False) -> dict:
+                      fused=True, checkpointing=False, lora_dim=0, lora_only=False, lm_loss=False) -> dict:
     """Steps 1 and 2: one trained model; step 2 runs chosen + rejected (2 x micro-batch) in one backward
-    and has a scalar head instead of LM logits."""
+    and has a scalar head instead of LM logits, except with --lm_loss_coef (`lm_loss`): then the chosen
+    rows' LM logits are kept for the backward too."""
     trainable = lora_params(shape, lora_dim) if lora_only else shape.params + lora_params(shape, lora_dim)
     rows = micro_batch * (2 if value_model else 1)
     tokens = rows * seq_len
     step = {"activations": activation_bytes(shape, tokens, nbytes, fused, checkpointing)}
-    if not value_model:
-        step["logits"] = logits_bytes(shape, tokens, nbytes)
+    if not value_model or lm_loss:
+        step["logits"] = logits_bytes(shape, micro_batch * seq_len, nbytes)
     return peak(trained_bytes(shape.params, trainable, nbytes, zero_stage, world), {"train": step})
 
 
@@ -229,7 +230,7 @@ def supervised_plan(cfg, world, dtype, device_type, value=False):
     mem = supervised_memory(shape, nbytes=dtype_bytes(dtype), zero_stage=cfg.zero_stage, world=world,
                             micro_batch=cfg.per_device_train_batch_size, seq_len=cfg.max_seq_len, value_model=value,
                             fused=cfg.fused_layers, checkpointing=cfg.gradient_checkpointing, lora_dim=cfg.lora_dim,
-                            lora_only=cfg.only_optimize_lora)
+                            lora_only=cfg.only_optimize_lora, lm_loss=value and cfg.lm_loss_coef > 0)
     return lines, mem
 
 
