@@ -12,7 +12,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from utils.padding import run_row_groups  # noqa: E402
-from utils.phase import install_stop_watchdog, set_phase, set_stop_grace  # noqa: E402
+from utils.phase import set_phase, set_stop_grace  # noqa: E402
 from utils.stage import run_main  # noqa: E402
 
 

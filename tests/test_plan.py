@@ -1,7 +1,6 @@
 """--dry_run: the memory estimate's arithmetic against a hand computation, and a
 dry run of a real stage that plans without training."""
 import re
-from types import SimpleNamespace
 
 import pytest
 
