@@ -56,3 +56,27 @@ def build_tiny_model_dir(out_dir, arch="llama", hidden=32, layers=2, seed=0):
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+# Under our stage-3 settings (3e7 live parameters, utils/ds_config.py) a tiny model stays gathered through a
+# whole forward, so ZeRO-3's release, prefetch and re-gather never run in tests. A live-parameter cap below the
+# model's size with no reuse window makes ZeRO-3 release each module's weights after its forward, as at 7B (one
+# 4096 x 11008 matrix is 45M parameters); with weights over the persistence threshold (hidden >= 96) every
+# forward re-gathers them.
+def release_zero3_weights(setattr_=setattr, max_live=0):
+    """Make every ZeRO-3 engine built from here on release its weights after each use. `max_live`: how many
+    parameters may be gathered at once; 0 fetches each weight only when its module runs, a little more than one
+    weight matrix lets the prefetcher fetch the next one ahead. `setattr_`: pytest's monkeypatch.setattr in a
+    test, so the change is undone after it."""
+    import utils.engine
+
+    def releasing(make_config):
+        def config(**kw):
+            out = make_config(**kw)
+            if out["zero_optimization"]["stage"] == 3:
+                out["zero_optimization"].update(stage3_max_live_parameters=max_live, stage3_max_reuse_distance=0)
+            return out
+        return config
+
+    setattr_(utils.engine, "train_ds_config", releasing(utils.engine.train_ds_config))
+    setattr_(utils.engine, "eval_ds_config", releasing(utils.engine.eval_ds_config))

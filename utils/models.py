@@ -283,6 +283,10 @@ def zero_stage_of(model) -> int:
 def gathered_state_dict(model) -> dict:
     """Full fp32-or-native state dict on every rank (ZeRO-3 shards gathered: a collective, so every rank calls it)."""
     zero3 = zero_stage_of(model) == 3
+    if zero3 and hasattr(model, "empty_partition_cache"):
+        # After a forward, ZeRO-3 may have prefetched parameters for a next forward that never comes; gathering
+        # one still in flight fails ("Cannot partition a param in flight"). This waits for them and releases all.
+        model.empty_partition_cache()
     model = unwrap(model)
     if not zero3:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
