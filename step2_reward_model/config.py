@@ -28,7 +28,9 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
         "many at a time, each chunk cut to its own longest, so short ones skip the longest one's padding (the loss "
         "and its one backward are the same; about 2x faster on CPU for hh-style data). 0 = one padded forward of "
         "the batch. Default: 4 on CPU; 0 on a GPU, as DeepSpeed-Chat (there each extra forward costs launches, and "
-        "under ZeRO-3 a gather of every weight, more than the padding saves).", min=0)
+        "under ZeRO-3 a gather of every weight, more than the padding saves). Under ZeRO-3 the training forward "
+        "is always one (0): several forwards before one backward break ZeRO-3's prefetch trace once weights are "
+        "released between uses, as on large models ('tracing error'); evaluation forwards still chunk.", min=0)
     head_learning_rate: float = opt(0.0, "Learning rate of the value head (0 = --learning_rate). With a zero head "
                                          "(--head_init_std 0) the body gets no gradient until the head has grown; a "
                                          "larger head rate (e.g. 1e-3) gets it learning sooner.", min=0)
@@ -54,8 +56,10 @@ class RewardConfig(DataOptions, ModelOptions, TrainOptions, DeepSpeedOptions, Lo
     eval_scores_path: str = opt("", "Also write every eval pair's chosen/rejected score here as JSON Lines.")
     compare_before: bool = opt(True, "Evaluate once before training so the summary shows before -> after.")
 
-    def chunk_for(self, device_type: str) -> int:
-        """--forward_chunk, or its default for the device the stage runs on."""
+    def chunk_for(self, device_type: str, training: bool = False) -> int:
+        """--forward_chunk, or its default for the device the stage runs on; 0 for a ZeRO-3 training forward."""
+        if training and self.zero_stage == 3:
+            return 0
         if self.forward_chunk is not None:
             return self.forward_chunk
         return 4 if device_type == "cpu" else 0

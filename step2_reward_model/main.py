@@ -229,7 +229,8 @@ def main(argv=None):
 
     def step_fn(engine, batch):
         return reward_step(engine, {k: v.to(ctx.device) for k, v in batch.items()}, cfg.center_coef,
-                           cfg.chunk_for(ctx.device.type), cfg.score_offset, cfg.loss_positions, cfg.lm_loss_coef)
+                           cfg.chunk_for(ctx.device.type, training=True), cfg.score_offset, cfg.loss_positions,
+                           cfg.lm_loss_coef)
 
     start = time.perf_counter()
     after, steps = train(cfg, engine, train_set, collate, step_fn, ev, ctx.log, ctx.rank, ctx.world_size,

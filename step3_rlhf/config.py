@@ -142,7 +142,9 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
     offload_reward_model: bool = opt(False, "Keep the reward model's parameters on CPU (ZeRO-3 offload).")
     length_groups: int = opt(3, "Scoring and training forwards run the rows of a batch in up to this many groups "
                              "by length, each without its all-padding columns (same numbers, fewer FLOPs; 1 = one "
-                             "padded batch).", min=1)
+                             "padded batch). A ZeRO-3 engine's training forwards are always one group: several "
+                             "forwards before one backward break ZeRO-3's prefetch trace once weights are released "
+                             "between uses, as on large models ('tracing error').", min=1)
     lora_alpha: float = opt(0.0, "LoRA scale numerator (0 = rank).", min=0)
     only_optimize_lora: bool = opt(False, "Train only LoRA weights.")
     reference_from_lora: bool = opt(True, "With actor LoRA: the reference is the actor with adapters off (no "
@@ -211,6 +213,10 @@ class RLHFConfig(RoleOptions, DataOptions, RunOptions, DeviceOptions, LoggingOpt
     def needs_critic(self) -> bool:
         """Whether the algorithm trains a critic (read by the shared start-up checks in utils/)."""
         return algorithm(self.algo).needs_critic
+
+    def groups_for(self, zero_stage: int, grad: bool) -> int:
+        """--length_groups for one forward of an engine at `zero_stage`: 1 where a backward follows at ZeRO-3."""
+        return 1 if grad and zero_stage == 3 else self.length_groups
 
     @property
     def zero_stage(self):

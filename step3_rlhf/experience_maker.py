@@ -107,8 +107,9 @@ class ExperienceMaker:
         temperature = self.cfg.temperature or 1.0
         if keep_graph:
             self.e.actor.train()
-            with torch.enable_grad():
-                graph = response_logprobs(self.e.actor, seq, attn, R, temperature, with_entropy=True, **shared)
+            with torch.enable_grad():  # its backward comes in the first update: one group at ZeRO-3
+                graph = response_logprobs(self.e.actor, seq, attn, R, temperature, with_entropy=True, **dict(
+                    shared, length_groups=self.cfg.groups_for(self.cfg.actor_zero_stage, grad=True)))
             return graph[0].detach(), graph
         actor_scoring_mode(self.e.actor)  # engine.train() (training forwards, never the hybrid kernels) + no dropout
         return response_logprobs(self.e.actor, seq, attn, R, temperature, **shared), None

@@ -59,7 +59,8 @@ class RLTrainer:
                         logp, ent = response_logprobs(self.e.actor, mb.sequences, mb.attention_mask,
                                                       mb.action_mask.shape[1], cfg.temperature or 1.0,
                                                       with_entropy=True, prompt_len=mb.prompt_len,
-                                                      group_size=cfg.num_generations, length_groups=cfg.length_groups,
+                                                      group_size=cfg.num_generations,
+                                                      length_groups=cfg.groups_for(cfg.actor_zero_stage, grad=True),
                                                       entropy_grad=bool(getattr(cfg, "entropy_coeff", 0.0)))
                     del graph
                     self._update(mb, logp, ent, step, add, n_tokens)
@@ -97,7 +98,7 @@ class RLTrainer:
                 add(name, st[key])
         if self.e.critic is not None:
             values = response_values(self.e.critic, mb.sequences, mb.attention_mask, mb.action_mask.shape[1],
-                                     length_groups=cfg.length_groups)
+                                     length_groups=cfg.groups_for(cfg.critic_zero_stage, grad=True))
             vloss, vclip = value_loss(values, mb.values, mb.returns, mb.action_mask, cfg.cliprange_value)
             if self.guard.check(step, {"policy loss": loss.detach(), "value loss": vloss.detach()}):
                 _step(self.e.critic, vloss)

@@ -32,14 +32,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(script, args, env_extra=None, nproc=2, timeout=300, check=True):
+def launch(script, args, env_extra=None, nproc=2, timeout=300, check=True, released=False):
     """Run `deepspeed --num_gpus nproc script args` from the repo root; returns the CompletedProcess.
+    released: through tests/released_zero3.py, so ZeRO-3 releases and re-gathers weights as on a real model.
 
     A run still going after `timeout` seconds (a hang) is killed with every process it started and fails the
     test; --collective_timeout should have ended it sooner with an error naming the rank and phase."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     port = free_port()
-    cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), script, *args]
+    cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port),
+           *(["tests/released_zero3.py"] if released else []), script, *args]
     popen = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)  # its own process group: a hang is killed whole
     try:
@@ -179,7 +181,7 @@ def test_rl_two_processes_zero3_prompts_of_every_length(algo, wide_model_dir, re
         "--max_answer_seq_len", "6", "--per_device_training_batch_size", "4", "--max_steps", "2",
         "--length_groups", "3", "--actor_zero_stage", "3", "--critic_zero_stage", "3", "--actor_learning_rate",
         "1e-3", "--eval_prompts", "2", "--dtype", "fp32", "--threads", "1", "--disable_progress_bar", "--no_resume",
-        "--collective_timeout", "60", *per_algo], timeout=600)
+        "--collective_timeout", "60", *per_algo], timeout=600, released=True)
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     assert summary["steps"] == 2
@@ -202,7 +204,7 @@ def test_supervised_two_processes_zero3_odd_eval_set(script, wide_model_dir, sup
             "--output_dir", out, "--max_seq_len", "160", "--per_device_train_batch_size", "2",
             "--per_device_eval_batch_size", "2", "--max_eval_samples", "5", "--max_steps", "1", "--dtype", "fp32",
             "--zero_stage", "3", "--threads", "1", "--disable_progress_bar", "--no_resume",
-            "--collective_timeout", "60"], nproc=nproc, timeout=400)
+            "--collective_timeout", "60"], nproc=nproc, timeout=400, released=True)
         with open(os.path.join(out, "summary.json")) as f:
             summaries.append(json.load(f))
     two, one = summaries

@@ -161,6 +161,25 @@ def test_sft_zero3_trains_like_zero0_and_saves_a_loadable_model(sft_llama, tiny_
     assert saved_keys(out) == saved_keys(base_out) - {"lm_head.weight"}
 
 
+def test_sft_zero3_releasing_weights_saves_the_trained_model(pref_data, tmp_path, monkeypatch):
+    """ZeRO-3 releasing each weight after use, as on a large model (tests.tiny.release_zero3_weights; hidden 96
+    puts the weight matrices above the persistence threshold): after the last evaluation, weights the
+    prefetcher had fetched for a next forward were still in flight, and saving failed with DeepSpeed's
+    "Cannot partition a param in flight" (as SmolLM2-135M did at ZeRO-3 with two processes). Now the saved
+    model is the trained one: it scores like the stage-0 run. (5e4 live parameters: room to prefetch ahead.)"""
+    from tests.tiny import build_tiny_model_dir, release_zero3_weights
+    release_zero3_weights(monkeypatch.setattr, max_live=5e4)
+    model_dir = build_tiny_model_dir(str(tmp_path / "wide"), hidden=96)
+    outs = {stage: str(tmp_path / f"z{stage}") for stage in ("0", "3")}
+    summaries = {stage: run_stage(sft_main, sft_argv(model_dir, pref_data, out, "--zero_stage", stage))[1]
+                 for stage, out in outs.items()}
+    assert summaries["3"]["after"]["eval/loss"] == pytest.approx(summaries["0"]["after"]["eval/loss"], abs=1e-4)
+    ids = fixed_input(len(load_tokenizer(model_dir)))
+    logits = {stage: logits_of(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids)
+              for stage, out in outs.items()}
+    assert torch.allclose(logits["3"], logits["0"], atol=1e-3, rtol=0)
+
+
 def test_sft_train_on_prompt_puts_loss_on_prompt_tokens(sft_llama, tiny_model_dir, pref_data, tmp_path):
     tok = load_tokenizer(tiny_model_dir)
     default = parse_config(SFTConfig, sft_argv(tiny_model_dir, pref_data, str(tmp_path / "a")))
@@ -352,22 +371,13 @@ def test_reward_lm_loss_refuses_an_untied_head(pref_data, tmp_path):
 
 
 def test_reward_lm_loss_trains_the_same_under_zero3(pref_data, tmp_path, monkeypatch):
-    """The LM term under ZeRO-3 trains as at stage 0, with ZeRO-3 releasing each module's weights after its
-    forward as it does at real sizes: hidden size 96 puts the embedding (134 x 96) above the persistence
-    threshold, and the live-parameter cap is cut from 3e7 (which would keep a model this small gathered all
-    through the forward) to 2e4. So the embedding is released before the LM head reads it and must be gathered
-    again. (The old manual register_external_parameter failed here with DeepSpeed's "tracing error", as it did
-    on SmolLM2-135M at the real settings.)"""
-    import utils.engine
-    from tests.tiny import build_tiny_model_dir
-    real_config = utils.engine.train_ds_config
-
-    def releasing_config(**kw):
-        config = real_config(**kw)
-        config["zero_optimization"].update(stage3_max_live_parameters=2e4, stage3_max_reuse_distance=0)
-        return config
-
-    monkeypatch.setattr(utils.engine, "train_ds_config", releasing_config)
+    """The LM term under ZeRO-3 trains as at stage 0, with ZeRO-3 releasing each weight after use as on a large
+    model (tests.tiny.release_zero3_weights; hidden size 96 puts the embedding, 134 x 96, above the persistence
+    threshold). So the embedding is released before the LM head reads it and must be gathered again. The old
+    manual register_external_parameter failed here with DeepSpeed's "tracing error", as it did on SmolLM2-135M
+    at the real settings; so did step 2's chunked training forward (several forwards before one backward)."""
+    from tests.tiny import build_tiny_model_dir, release_zero3_weights
+    release_zero3_weights(monkeypatch.setattr)
     model_dir = build_tiny_model_dir(str(tmp_path / "wide"), hidden=96)
     summaries = [run_stage(rm_main, rm_argv(model_dir, pref_data, str(tmp_path / f"z{stage}"), "--lm_loss_coef",
                                             "1.0", "--zero_stage", stage))[1] for stage in ("0", "3")]
