@@ -60,8 +60,8 @@ def build_tiny_model_dir(out_dir, arch="llama", hidden=32, layers=2, seed=0):
 
 # Under our stage-3 settings (3e7 live parameters, utils/ds_config.py) a tiny model stays gathered through a
 # whole forward, so ZeRO-3's release, prefetch and re-gather never run in tests. A live-parameter cap below the
-# model's size with no reuse window makes ZeRO-3 release each module's weights after its forward, as at 7B (one
-# 4096 x 11008 matrix is 45M parameters); with weights over the persistence threshold (hidden >= 96) every
+# model's size with no reuse window makes ZeRO-3 release each module's weights after its forward, as we expect at
+# 7B (one 4096 x 11008 matrix is 45M parameters); with weights over the persistence threshold (hidden >= 96) every
 # forward re-gathers them.
 def release_zero3_weights(setattr_=setattr, max_live=0):
     """Make every ZeRO-3 engine built from here on release its weights after each use. `max_live`: how many
