@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.reward_model_bench import bootstrap_ci, score_summary, scores_of  # noqa: E402
+from bench.reward_model_bench import bootstrap_ci, paired_diff_ci, score_summary, scores_of  # noqa: E402
 from bench.report import print_report  # noqa: E402
 
 
@@ -65,17 +65,15 @@ def ensemble_report(runs: list[str]) -> dict:
         raise SystemExit("the runs' split_*/test.jsonl files differ: not the same eval pairs")
     correct = [np.asarray(c) > np.asarray(r) for c, r in models]
     ens = ensemble_correct(models)
-    gain = ens.astype(np.float64) - np.mean(correct, axis=0)
-    rng = np.random.default_rng(0)
-    boots = gain[rng.integers(0, len(gain), size=(10000, len(gain)))].mean(axis=1)
+    mean_single = np.mean(correct, axis=0)  # per pair: the share of single models that get it right
     return {
         "n_pairs": sizes.pop(),
         "models": [{"run": run, **score_summary(*m)} for run, m in zip(runs, models)],
         "mean_single_accuracy": round(float(np.mean([c.mean() for c in correct])), 4),
         "ensemble_accuracy": round(float(ens.mean()), 4),
         "ensemble_accuracy_ci95": [round(x, 4) for x in bootstrap_ci(ens)],
-        "ensemble_gain_over_mean_single": round(float(gain.mean()), 4),
-        "ensemble_gain_ci95": [round(float(np.percentile(boots, q)), 4) for q in (2.5, 97.5)],
+        "ensemble_gain_over_mean_single": round(float(ens.mean() - mean_single.mean()), 4),
+        "ensemble_gain_ci95": paired_diff_ci(ens, mean_single),
         "agreement": round(agreement(correct), 4),
         "some_model_right": round(float(np.any(correct, axis=0).mean()), 4),
     }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every stage at ZeRO-3 with two processes through the deepspeed launcher, on the real SmolLM2-135M-Instruct,
 # a few steps each: the tests' tiny models stay gathered under ZeRO-3, a real model is released and gathered
-# again, and three bugs showed only so (README, "When something goes wrong"). About 13 minutes on 2 CPU cores.
+# again, and three bugs showed only so (README, "When something goes wrong"). About 12 minutes on 2 CPU cores
+# (17 with another job beside it).
 # Usage: scripts/zero3_smoke.sh DEMO_DIR [WORK_DIR]   (DEMO_DIR: a finished scripts/demo.sh output, whose
 #        step1 and step2 models step 3 starts from). Prints one line per run: name, exit code, seconds.
 set -uo pipefail
